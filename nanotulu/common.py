@@ -1,5 +1,6 @@
-"""What the three train scripts share: flags from a dataclass, torch.distributed setup, the learning-rate schedule,
-metrics (progress bar + JSONL), resumable checkpoints, and the embedded tiny model.
+"""What the three train scripts share to start and log a run: flags from a dataclass, torch.distributed setup and
+the device mesh, loading and placing the model, the learning-rate schedule and optimizer step, metrics (progress bar
++ JSONL). Checkpoints are in checkpoint.py, the loss heads in losses.py.
 
 Kept as plain functions so each train_*.py reads top to bottom."""
 
@@ -8,25 +9,13 @@ import dataclasses
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 import typing
-import warnings
 
 import torch
 import torch.distributed as dist
 
-from nanotulu.model import LlamaConfig
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-
-# The embedded tiny Llama: byte-level vocabulary (256 bytes + specials, padded to 264), small enough to train on a
-# laptop CPU in minutes. Random init from a seed; no weights are shipped.
-EMBEDDED_MODEL = LlamaConfig(vocab_size=264, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                             num_attention_heads=6, num_key_value_heads=2, rope_theta=10000.0,
-                             max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -37,6 +26,8 @@ EMBEDDED_MODEL = LlamaConfig(vocab_size=264, hidden_size=192, intermediate_size=
 class RunFlags:
     """Flags every trainer has (each train_*.py's config dataclass extends this one)."""
     seed: int = 42
+    weight_decay: float = 0.0  # Tulu 3: no weight decay in any stage
+    max_grad_norm: float = 1.0
     resume: bool = dataclasses.field(default=True, metadata={"help": "continue from the latest checkpoint"})
     precision: str = dataclasses.field(default="auto", metadata={"help": "bf16 | fp32 | auto (bf16 on GPU)"})
     attn_backend: str = dataclasses.field(default="auto", metadata={"help": "auto | sdpa | flex | varlen"})
@@ -112,7 +103,7 @@ def init_distributed():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
@@ -129,7 +120,8 @@ def init_distributed():
     return rank, world, device
 
 
-def _free_port():
+def free_port():
+    """A TCP port free on this machine right now (for a single-process group and the tests' process groups)."""
     import socket
 
     with socket.socket() as s:
@@ -223,11 +215,13 @@ def peak_flops(device):
     return None
 
 
-class Timer:
-    """Wall time between ticks; synchronises CUDA so the figure is the device's, at one sync per step."""
+class Speed:
+    """Tokens/s (and MFU where the device's peak is known) of each optimizer step; synchronises CUDA so the figure
+    is the device's, at one sync per step."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, flops_per_token, tokens_per_step, world):
+        self.device, self.flops_per_token, self.tokens, self.world = device, flops_per_token, tokens_per_step, world
+        self.peak = peak_flops(device)
         self.t = time.perf_counter()
 
     def tick(self):
@@ -235,181 +229,42 @@ class Timer:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         dt, self.t = now - self.t, now
-        return dt
+        out = {"tok/s": self.tokens / dt}
+        if self.peak:
+            out["mfu"] = self.flops_per_token * self.tokens / dt / (self.peak * self.world)
+        return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Vocabulary growth (RECIPE: a tokenizer that gained <pad> grows the embeddings to a multiple of 8)
+def reduce_named(sums, group, device):
+    """Named per-rank sums {name: number or 0-d tensor} -> the same names summed over the ranks of `group`, with
+    one all-reduce for all of them."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in sums.values()])
+    return dict(zip(sums, all_reduce_sum(t, group)))
 
 
-@torch.no_grad()
-def resize_vocab(model, new_size):
-    """Grows embedding (and untied lm_head) rows to new_size; new rows are the mean of the old ones."""
-    old = model.cfg.vocab_size
-    if new_size == old:
-        return model
-    if new_size < old:
-        raise ValueError(f"tokenizer needs {new_size} embedding rows, the model has {old}: will not shrink")
-    emb = model.model.embed_tokens
-    w = torch.cat([emb.weight, emb.weight.mean(0, keepdim=True).expand(new_size - old, -1)])
-    emb.weight = torch.nn.Parameter(w)
-    emb.num_embeddings = new_size
-    if model.lm_head is not None:
-        w = torch.cat([model.lm_head.weight, model.lm_head.weight.mean(0, keepdim=True).expand(new_size - old, -1)])
-        model.lm_head.weight = torch.nn.Parameter(w)
-        model.lm_head.out_features = new_size
-    model.cfg.vocab_size = new_size
-    return model
+def exit_if_asked(cfg, step):
+    """--exit_after_steps: an abrupt stop after that step, as a killed job would (tests resume from the last
+    checkpoint)."""
+    if step == cfg.exit_after_steps:
+        os._exit(3)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: torch.distributed.checkpoint for model + optimizer (sharded under FSDP, plain otherwise), and one
-# small file per rank for what is not a tensor of the model (step, data loader position, RNG states).
+def finish_run(cfg, model, is_embedded, tok_dir, rank, finish=True):
+    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer files of a
+    real model), then the process group closed unless the caller runs more stages in this process."""
+    from nanotulu import checkpoint
 
-
-def rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(ckpt_dir, step, model, optimizer, extra, rank, keep=2):
-    """Writes ckpt_dir/step_{step:08d}: first into a temporary directory, renamed when every rank is done, so a
-    crash mid-write never leaves a checkpoint that looks whole. `extra` (per rank): loader state, RNG, etc."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = os.path.join(ckpt_dir, f"step_{step:08d}")
-    tmp = final + ".tmp"
+    out = os.path.join(cfg.output_dir, "final")
+    checkpoint.save_hf(model, out, tok_dir=None if is_embedded else tok_dir, rank=rank)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    torch.save({**extra, "rng": rng_state(), "step": step, "layout": checkpoint_layout(model)},
-               os.path.join(tmp, f"extra_rank{rank}.pt"))
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in old[:-keep]:
-            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    _barrier()
-    return final
-
-
-def resume(cfg, model, optimizer, data_state, rank, world):
-    """With --resume, continues from the latest checkpoint in output_dir/checkpoints: model, optimizer, RNG and
-    `data_state` (the data loader or prompt sampler: anything with state_dict/load_state_dict).
-    Returns (checkpoint directory, the step to continue from)."""
-    ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    latest = latest_checkpoint(ckpt_dir) if cfg.resume else None
-    if latest is None:
-        return ckpt_dir, 0
-    extra = load_checkpoint(latest, model, optimizer, rank, world)
-    data_state.load_state_dict(extra["data"])
-    if rank == 0:
-        print(f"resumed from {latest} at step {extra['step']}")
-    return ckpt_dir, extra["step"]
-
-
-def latest_checkpoint(ckpt_dir):
-    if not os.path.isdir(ckpt_dir):
-        return None
-    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-    return os.path.join(ckpt_dir, done[-1]) if done else None
-
-
-def load_checkpoint(path, model, optimizer, rank, world_size):
-    """Restores model, optimizer and RNG in place; returns this rank's `extra` dict (with "step")."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    extra_path = os.path.join(path, f"extra_rank{rank}.pt")
-    n_saved = len([f for f in os.listdir(path) if f.startswith("extra_rank")])
-    if n_saved != world_size or not os.path.isfile(extra_path):
-        raise ValueError(f"{path}: written by {n_saved} ranks, this run has {world_size}: resume on the same mesh")
-    extra = torch.load(extra_path, weights_only=False)
-    saved, now = extra.get("layout"), checkpoint_layout(model)
-    if saved is not None and None not in (saved["model"], now["model"]) and saved["model"] != now["model"]:
-        diff = ", ".join(f"{k} {v} (this run: {now['model'].get(k)})" for k, v in saved["model"].items()
-                         if now["model"].get(k) != v)
-        raise ValueError(f"{path}: written by a model of another shape: {diff}")
-    if saved is not None and saved["mesh"] != now["mesh"]:
-        raise ValueError(f"{path}: written on mesh {saved['mesh']}, this run's is {now['mesh']}: resume with the "
-                         "same --dp_shard and --tp")
-    msd, osd = get_state_dict(model, optimizer)
-    sd = {"model": msd, "optim": osd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        try:
-            dcp.load(sd, checkpoint_id=path)
-        except (Exception, dcp.api.CheckpointException) as e:  # shapes or names differ (CheckpointException is a
-            # BaseException whose last line names the tensor)
-            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [repr(e)]
-            raise ValueError(f"{path}: does not match this model/optimizer ({last[0][:300]})") from e
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    set_rng_state(extra["rng"])
-    return extra
-
-
-def checkpoint_layout(model):
-    """What a resume must match besides the rank count: the model's shape and the mesh its parameters live on
-    ({"dp": 2, "tp": 2}; None when not parallelised)."""
-    from torch.distributed.tensor import DTensor
-
-    c = getattr(model, "cfg", None)
-    shape = None if c is None else {k: getattr(c, k) for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "tie_word_embeddings")}
-    p = next(model.parameters())
-    mesh = dict(zip(p.device_mesh.mesh_dim_names, p.device_mesh.shape)) if isinstance(p, DTensor) else None
-    return {"model": shape, "mesh": mesh}
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def full_state_dict(model):
-    """The whole model's state dict as plain CPU tensors (gathers FSDP/TP shards). Under a process group only rank 0
-    gets it (the others an empty dict), so a large model is not held in CPU memory once per rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if not dist.is_initialized():
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_hf(model, out_dir, tok_dir=None, rank=0):
-    """Final Hugging Face checkpoint (gathered from shards), plus the tokenizer files when there are any."""
-    sd = full_state_dict(model)
-    if rank == 0:
-        model.save_pretrained(out_dir, state_dict=sd)
-        if tok_dir:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                if os.path.isfile(os.path.join(tok_dir, name)):
-                    shutil.copy(os.path.join(tok_dir, name), os.path.join(out_dir, name))
-    _barrier()
+        print(f"saved {out}")
+    if finish:
+        finish_distributed()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training-step pieces shared by SFT, DPO and RLVR
-
-
-def asset_path(name):
-    return os.path.join(ASSETS, name)
 
 
 def make_mesh(cfg, world, device):
@@ -423,7 +278,7 @@ def make_mesh(cfg, world, device):
 
 def load_model(path, tok, device, cfg):
     """An HF checkpoint in fp32 (master weights), embeddings grown to the tokenizer's vocabulary."""
-    from nanotulu.model import Llama
+    from nanotulu.model import Llama, resize_vocab
 
     m = Llama.from_pretrained(path, dtype=torch.float32, device=device, attn_backend=cfg.attn_backend)
     return resize_vocab(m, max(tok.vocab_size, m.cfg.vocab_size))
@@ -468,6 +323,11 @@ def clip_grad_norm(model, max_norm):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def make_optimizer(model, cfg, device):
+    """AdamW with torch's default betas (0.9, 0.999) and eps 1e-8, as Tulu 3 trains; fused kernels on CUDA."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
 def optimizer_step(model, optimizer, lr, max_grad_norm):
     """Clip, set the learning rate, step, clear the gradients; returns the gradient norm before clipping."""
     grad_norm = clip_grad_norm(model, max_grad_norm)
@@ -476,32 +336,3 @@ def optimizer_step(model, optimizer, lr, max_grad_norm):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
-    """A `head` for Llama.forward: fused per-token loss from hidden (B, T, H) and the output weight (V, H).
-    Under tensor parallel the weight is a vocab shard and the vocab-parallel kernel combines the shards."""
-    from nanotulu import kernels
-
-    def head(hidden, weight):
-        if tp_group is not None:
-            from torch.distributed.tensor import DTensor
-            # hidden: sequence-split DTensor (B, T/tp, H) per rank -> full (B, T, H) on every rank of the group (its
-            # gradient comes back whole: the kernel sums dX over the group); weight: this rank's vocab rows
-            hidden = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
-            local = weight.to_local() if isinstance(weight, DTensor) else weight
-            h = hidden.reshape(-1, hidden.shape[-1]).to(local.dtype)
-            start = local.shape[0] * dist.get_rank(tp_group)
-            logps = kernels.vocab_parallel_linear_logprobs(h, local, targets.reshape(-1), start, tp_group,
-                                                           impl=impl)
-            if fn == "logprobs":
-                return logps
-            return -logps.sum()
-        h = hidden.reshape(-1, hidden.shape[-1])
-        if h.dtype != weight.dtype:
-            h = h.to(weight.dtype)
-        if fn == "cross_entropy_sum":
-            return kernels.linear_cross_entropy(h, weight, targets.reshape(-1), reduction="sum", impl=impl)
-        return kernels.linear_logprobs(h, weight, targets.reshape(-1), impl=impl, **kw)
-
-    return head

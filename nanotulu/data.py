@@ -557,3 +557,49 @@ class PackedLoader:
         if not 0 <= state["step"] <= self.steps_per_epoch:
             raise ValueError(f"loader state: step {state['step']} outside 0..{self.steps_per_epoch}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Micro-batches: packed rows stacked for one forward
+
+
+def stack_rows(rows, device, per_position=()):
+    """Rows from the loader -> one micro-batch: input_ids/targets/position_ids (B, T) and cu_seqlens over the
+    flattened B*T tokens. targets[t] is the label of token t+1 within its document (-100 elsewhere).
+    per_position: names of (T,) float row entries (e.g. RLVR's "adv", "old_logp") stacked flat to (B*T,)."""
+    import torch
+
+    T = rows[0]["input_ids"].numel()
+    cu = torch.cat([rows[0]["cu_seqlens"][:1]] + [r["cu_seqlens"][1:] + i * T for i, r in enumerate(rows)])
+    batch = {
+        "input_ids": torch.stack([r["input_ids"] for r in rows]),
+        "targets": torch.stack([shift_labels(r["labels"], r["cu_seqlens"]) for r in rows]),
+        "position_ids": torch.stack([r["position_ids"] for r in rows]),
+        "cu_seqlens": cu.to(torch.int32),
+    }
+    for name in per_position:
+        batch[name] = torch.stack([r[name] for r in rows]).reshape(-1)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def stack_pair_rows(rows, device):
+    """stack_rows for rows of preference pairs (each pair = two consecutive documents, chosen then rejected), plus
+    doc_segments (P, 2): the cu_seqlens segment of each pair's chosen and rejected document, and pair_ids (P,)."""
+    import torch
+
+    batch = stack_rows(rows, device)
+    segs, ids, offset = [], [], 0
+    for r in rows:
+        n_pairs = len(r["example_ids"])
+        segs += [[offset + 2 * j, offset + 2 * j + 1] for j in range(n_pairs)]
+        ids += r["example_ids"]
+        offset += r["cu_seqlens"].numel() - 1  # documents plus the padding tail, if any
+        assert 2 * n_pairs <= r["cu_seqlens"].numel() - 1
+    batch["doc_segments"] = torch.tensor(segs, dtype=torch.long, device=device).view(-1, 2)
+    batch["pair_ids"] = torch.tensor(ids, dtype=torch.long, device=device)
+    return batch
+
+
+def micro_batches(rows, micro_batch_rows, device, stack=stack_rows, **kw):
+    """One optimizer step's rows -> list of stacked micro-batches of micro_batch_rows rows each."""
+    return [stack(rows[i:i + micro_batch_rows], device, **kw) for i in range(0, len(rows), micro_batch_rows)]

@@ -285,7 +285,7 @@ def write_filtered(path, out_path, removed_lines):
                 dst.write(line)
 
 
-def _check_args(train_paths, eval_paths, ngram, threshold, out_dir):
+def check_decontam_flags(train_paths, eval_paths, ngram, threshold, out_dir):
     if not 1 <= ngram <= len(_POSITION_MULTIPLIERS):
         raise ValueError(f"--ngram must be >= 1 (and <= {len(_POSITION_MULTIPLIERS)}), got {ngram}")
     if not 0 <= threshold < 1:
@@ -315,7 +315,7 @@ def _read(path):
 
 def decontaminate(train_paths, eval_paths, out_dir, ngram=8, threshold=0.5, eval_field=None, max_examples=5):
     """Runs the whole pass (see the module docstring) and returns the report dict also written to report.json."""
-    _check_args(train_paths, eval_paths, ngram, threshold, out_dir)
+    check_decontam_flags(train_paths, eval_paths, ngram, threshold, out_dir)
     t0 = time.time()
 
     # Eval items of all files in one index; item_file / item_line say where each came from.

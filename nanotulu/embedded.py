@@ -17,7 +17,15 @@ import json
 import os
 import random
 
+from nanotulu.model import LlamaConfig
+
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+# The embedded tiny Llama: byte-level vocabulary (256 bytes + specials, padded to 264), small enough to train on a
+# laptop CPU in minutes. Random init from a seed; no weights are shipped.
+EMBEDDED_MODEL = LlamaConfig(vocab_size=264, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                             num_attention_heads=6, num_key_value_heads=2, rope_theta=10000.0,
+                             max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 # Format instructions: (instruction text, IFEval instruction id, kwargs, how a correct answer is rewritten)
 FORMATS = [
@@ -122,6 +130,7 @@ def write_all(out_dir=ASSETS):
 
 
 def asset(name):
+    """Path of a shipped asset file, e.g. asset("sft.jsonl")."""
     return os.path.join(ASSETS, name)
 
 

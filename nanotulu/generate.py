@@ -143,7 +143,7 @@ def gathered(model):
 # The generation loop
 
 
-def _check_args(model, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, stop_strings, decode,
+def check_generate_args(model, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, stop_strings, decode,
                 max_len):
     cfg = model.cfg
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
@@ -191,7 +191,7 @@ def generate(model, prompts, *, max_new_tokens, eos_token_id, temperature=1.0, t
     Returns one dict per prompt: "tokens" (new token ids, the EOS included when it stopped on one), "logprobs"
     (log_softmax(logits / temperature) of each token, see the module docstring), "finish_reason" ("stop": EOS or a
     stop string, "length": max_new_tokens reached)."""
-    _check_args(model, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, stop_strings, decode,
+    check_generate_args(model, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, stop_strings, decode,
                 max_len)
     if temperature == 0:
         greedy, temperature = True, 1.0

@@ -232,6 +232,16 @@ def attend(q, k, v, backend, meta):
 # The model
 
 
+@dataclass
+class AttnInputs:
+    """What every attention layer of one forward shares, built once by Llama.forward."""
+    cos: torch.Tensor  # (B, T, 1, head_dim) rotary tables
+    sin: torch.Tensor
+    backend: str  # "sdpa" | "flex" | "varlen" (pick_backend)
+    meta: object  # the backend's document-mask data from attention_meta; None: plain causal attention
+    cache: dict | None = None  # the static KV cache during generation (see the module docstring)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -245,25 +255,27 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx  # which KV-cache slot this layer writes during generation
         self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, backend, meta, cache=None, layer=0):
+    def forward(self, x, att):
         B, T, _ = x.shape
         # -1 heads: under tensor parallel each rank holds only its share of the heads
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, att.cos, att.sin), apply_rope(k, att.cos, att.sin)
+        cache = att.cache
         if cache is None:
-            y = attend(q, k, v, backend, meta)
+            y = attend(q, k, v, att.backend, att.meta)
         else:  # static KV cache: write this call's keys/values into their slots, attend over the whole cache
-            k_cache, v_cache = cache["k"][layer], cache["v"][layer]  # (B, nkv, S, hd)
+            k_cache, v_cache = cache["k"][self.layer_idx], cache["v"][self.layer_idx]  # (B, nkv, S, hd)
             k_cache.index_copy_(2, cache["pos"], k.transpose(1, 2).to(k_cache.dtype))
             v_cache.index_copy_(2, cache["pos"], v.transpose(1, 2).to(v_cache.dtype))
             # GQA without enable_gqa (which sends masked SDPA to the slow math kernel on GPU): the g query heads
@@ -289,15 +301,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, backend, meta, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, meta, cache, layer)
+    def forward(self, x, att):
+        x = x + self.self_attn(self.input_layernorm(x), att)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -310,7 +322,7 @@ class Llama(nn.Module):
         # index in a ModuleDict so parallel.py can wrap each block.
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-            layers=nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_hidden_layers)}),
+            layers=nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)}),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -342,8 +354,9 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         backend = pick_backend(self.attn_backend, input_ids.device)
         meta = None if cache is not None else attention_meta(backend, cu_seqlens, B, T, input_ids.device)
-        for i, block in self.model.layers.items():
-            x = block(x, cos, sin, backend, meta, cache, int(i))
+        att = AttnInputs(cos, sin, backend, meta, cache)
+        for block in self.model.layers.values():
+            x = block(x, att)
         h = self.model.norm(x)
         return h if head is None else head(h, self.output_weight)
 
@@ -459,6 +472,27 @@ def replace_dir(tmp, path):
     os.replace(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def resize_vocab(model, new_size):
+    """Grows embedding (and untied lm_head) rows to new_size; new rows are the mean of the old ones."""
+    old = model.cfg.vocab_size
+    if new_size == old:
+        return model
+    if new_size < old:
+        raise ValueError(f"tokenizer needs {new_size} embedding rows, the model has {old}: will not shrink")
+    emb = model.model.embed_tokens
+    w = torch.cat([emb.weight, emb.weight.mean(0, keepdim=True).expand(new_size - old, -1)])
+    emb.weight = torch.nn.Parameter(w)
+    emb.num_embeddings = new_size
+    if model.lm_head is not None:
+        w = torch.cat([model.lm_head.weight, model.lm_head.weight.mean(0, keepdim=True).expand(new_size - old, -1)])
+        model.lm_head.weight = torch.nn.Parameter(w)
+        model.lm_head.out_features = new_size
+    model.cfg.vocab_size = new_size
+    return model
+
 
 
 def build_model(cfg, device="cpu", dtype=torch.float32, seed=0, attn_backend="auto"):

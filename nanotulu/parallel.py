@@ -8,7 +8,7 @@ places a model on it, in the torchtitan order:
    outside the blocks: the embedding is split over the vocabulary (its lookup masks ids of other ranks and
    reduce-scatters into the sequence-split stream), the output weight too (vocab rows [r*V/tp, (r+1)*V/tp) on TP
    rank r; with tied embeddings it is the same tensor), and the fused loss runs vocab parallel
-   (common.loss_head -> kernels.vocab_parallel_linear_logprobs): no rank ever holds full logits;
+   (losses.loss_head -> kernels.vocab_parallel_linear_logprobs): no rank ever holds full logits;
 2. optional activation checkpointing of each block;
 3. optional per-block torch.compile;
 4. FSDP2 `fully_shard` per block and at the root over the data-parallel dimension, with bf16 parameters and fp32
@@ -34,11 +34,6 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
-
-# Block.forward calls self_attn(x, cos, sin, backend, meta, cache, layer): only x (the normed, sequence-split
-# stream) is gathered; the rest (rotary tables, attention mask, ...) is already full on every rank.
-ATTN_ARGS = 7
-
 
 def build_mesh(world, dp_shard, tp, device):
     """A (dp, tp) DeviceMesh over `world` ranks, dims named "dp" and "tp". dp_shard -1: world // tp. TP groups are
@@ -87,8 +82,9 @@ def apply_tp(model, tp_mesh):
     for block in model.model.layers.values():
         parallelize_module(block, tp_mesh, {
             "input_layernorm": SequenceParallel(),
-            "self_attn": PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (ATTN_ARGS - 1),
-                                            desired_input_layouts=(Replicate(),) + (None,) * (ATTN_ARGS - 1)),
+            # self_attn(x, att): only x (the normed, sequence-split stream) is gathered; att (rotary tables,
+            # document mask) is already full on every rank
+            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(),

@@ -26,7 +26,7 @@ def held_out_accuracy(model_dir, rows, max_new_tokens, seed=0):
 
     tok = data.load_tokenizer("byte")
     if model_dir is None:  # the untrained embedded model
-        model = build_model(common.EMBEDDED_MODEL, seed=seed)
+        model = build_model(embedded.EMBEDDED_MODEL, seed=seed)
     else:
         model = Llama.from_pretrained(model_dir, dtype=torch.float32)
     res = evaluate(model, tok, rows, batch_size=256, max_new_tokens=max_new_tokens, progress=False)
@@ -90,7 +90,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = args.output_dir
     t0 = time.perf_counter()
-    test_rows = rewards.load_rlvr_rows(common.asset_path("rlvr_test.jsonl"))
+    test_rows = rewards.load_rlvr_rows(embedded.asset("rlvr_test.jsonl"))
     eval_tokens = train_rlvr.EMBEDDED_PRESET["max_new_tokens"]
     stage_dir = {s: os.path.join(out, s) for s in ("sft", "dpo", "rlvr")}
     fresh = ["--resume", "false"] if args.fresh else []
@@ -109,7 +109,7 @@ def main(argv=None):
 
     t = time.perf_counter()
     if not done("dpo"):
-        train_dpo.main(["--model", sft_model, "--tokenizer", "byte", "--data", common.asset_path("dpo.jsonl"),
+        train_dpo.main(["--model", sft_model, "--tokenizer", "byte", "--data", embedded.asset("dpo.jsonl"),
                         "--output_dir", stage_dir["dpo"], *preset_flags(train_dpo.EMBEDDED_PRESET), *fresh],
                        finish=False)
     timings["dpo"] = time.perf_counter() - t
@@ -119,7 +119,7 @@ def main(argv=None):
     t = time.perf_counter()
     if not done("rlvr"):
         train_rlvr.main(["--model", dpo_model, "--tokenizer", "byte",
-                         "--data", common.asset_path("rlvr_train.jsonl"), "--output_dir", stage_dir["rlvr"],
+                         "--data", embedded.asset("rlvr_train.jsonl"), "--output_dir", stage_dir["rlvr"],
                          *preset_flags(train_rlvr.EMBEDDED_PRESET), *fresh], finish=False)
     timings["rlvr"] = time.perf_counter() - t
     table.append(("rlvr", *held_out_accuracy(os.path.join(stage_dir["rlvr"], "final"), test_rows, eval_tokens)))

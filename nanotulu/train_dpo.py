@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanotulu import common, data
+from nanotulu import checkpoint, common, data, embedded, losses
 from nanotulu.model import num_flops_per_token
 
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
@@ -46,8 +46,6 @@ class DPOConfig(common.RunFlags):
     lr: float = 5e-7
     lr_schedule: str = "linear"
     warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     batch_rows: int = field(default=32, metadata={"help": "packed rows per optimizer step, all ranks"})
     micro_batch_rows: int = 1
     ref_mode: str = field(default="cached", metadata={"help": "cached (one no-grad pass, on disk) | online"})
@@ -166,30 +164,13 @@ def segment_sums(values, cu_seqlens, n_segments):
 def pair_logps(model, batch, impl, tp_group=None):
     """Policy (or reference) answer log-likelihoods of the pairs in a stacked micro-batch:
     -> (logps (P, 2) summed over answer tokens, counts (P, 2) answer tokens), chosen in column 0."""
-    head = common.loss_head("logprobs", batch["targets"], impl, tp_group)
+    head = losses.loss_head("logprobs", batch["targets"], impl, tp_group)
     logps = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)  # (B*T,)
     n_seg = batch["cu_seqlens"].numel() - 1
     sums = segment_sums(logps, batch["cu_seqlens"], n_seg)
     counts = segment_sums((batch["targets"].reshape(-1) != data.IGNORE_INDEX).float(), batch["cu_seqlens"], n_seg)
     idx = batch["doc_segments"]  # (P, 2) segment index of each pair's chosen and rejected document
     return sums[idx], counts[idx]
-
-
-def stack_pair_rows(rows, device):
-    """Like train_sft.stack_rows, plus each pair's segment indices and dataset ids."""
-    from nanotulu.train_sft import stack_rows
-
-    batch = stack_rows(rows, device)
-    segs, ids, offset = [], [], 0
-    for r in rows:
-        n_docs = 2 * len(r["example_ids"])
-        segs += [[offset + 2 * j, offset + 2 * j + 1] for j in range(len(r["example_ids"]))]
-        ids += r["example_ids"]
-        offset += r["cu_seqlens"].numel() - 1  # documents plus the padding tail, if any
-        assert n_docs <= r["cu_seqlens"].numel() - 1
-    batch["doc_segments"] = torch.tensor(segs, dtype=torch.long, device=device).view(-1, 2)
-    batch["pair_ids"] = torch.tensor(ids, dtype=torch.long, device=device)
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,7 +230,7 @@ def compute_ref_logps(model, pairs, capacity, pad_id, device, impl, rank, world,
             row = data.make_row([d for j in b for d in pair_docs(pairs[j])], capacity, pad_id)
             row["example_ids"] = list(b)
             rows.append(row)
-        batch = stack_pair_rows(rows, device)
+        batch = data.stack_pair_rows(rows, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             lp, n = pair_logps(model, batch, impl, tp_group)
         if mine[i:i + rows_per_pass]:
@@ -286,13 +267,15 @@ def load_or_compute_ref(cfg, key, hashes, compute, rank):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+DPO_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "logps/chosen", "logps/rejected",
+            "answer_tokens")  # what dpo_backward sums over a step's pairs, in order
+
 
 def dpo_backward(model, micro, ref_logps, loss_kwargs, impl="auto", mesh=None, use_bf16=False):
     """Forward and backward over one optimizer step's micro-batches of packed pairs. The batch loss is the mean
     over every pair of the step (all micro-batches and data-parallel ranks, counted first). ref_logps(micro) ->
     (P, 2) reference log-likelihoods, or None (simpo). Leaves the gradient in .grad; returns (sums (7,) of this
-    rank: loss, rewards/chosen, rewards/rejected, accuracy, logps/chosen, logps/rejected, answer tokens;
-    n_pairs of the step)."""
+    rank, named by DPO_SUMS; n_pairs of the step)."""
     dp_world = 1 if mesh is None else mesh["dp"].size()
     device = micro[0]["input_ids"].device
     n_pairs = common.all_reduce_sum(torch.tensor(float(sum(m["pair_ids"].numel() for m in micro)), device=device),
@@ -312,66 +295,86 @@ def dpo_backward(model, micro, ref_logps, loss_kwargs, impl="auto", mesh=None, u
     return sums, n_pairs
 
 
-def main(argv=None, finish=True):
-    cfg, embedded, rank, world, device, use_bf16 = common.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
+def check_flags(cfg):
     if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"--loss_type {cfg.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     if cfg.ref_mode not in ("cached", "online"):
         raise ValueError(f"--ref_mode {cfg.ref_mode!r}: expected cached or online")
 
-    model_dir = cfg.model
-    if embedded:  # start from the embedded SFT model: reuse it if it exists, else train it now
-        model_dir = os.path.join(EMBEDDED_SFT_DIR, "final")
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            if rank == 0:
-                print(f"no {model_dir}: running the embedded SFT first")
-            from nanotulu import train_sft
-            train_sft.main(["--output_dir", EMBEDDED_SFT_DIR], finish=False)
-    ref_dir = cfg.ref_model or model_dir
 
-    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if embedded else model_dir))
-    template = "tulu" if cfg.template == "tulu" else tok.chat_template
-    sources = data.parse_mix(cfg.data) if cfg.data else [(common.asset_path("dpo.jsonl"), None)]
+def embedded_sft_model(rank):
+    """The embedded DPO starts from the embedded SFT model: reused if it exists, else trained now."""
+    model_dir = os.path.join(EMBEDDED_SFT_DIR, "final")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        if rank == 0:
+            print(f"no {model_dir}: running the embedded SFT first")
+        from nanotulu import train_sft
+        train_sft.main(["--output_dir", EMBEDDED_SFT_DIR], finish=False)
+    return model_dir
+
+
+def load_data(cfg, is_embedded, tok, template, rank):
+    sources = data.parse_mix(cfg.data) if cfg.data else [(embedded.asset("dpo.jsonl"), None)]
     pairs, stats = load_pairs(sources, tok, template, cfg.max_seq_len, cfg.truncate, cfg.seed)
     if rank == 0:
         print(f"data: {stats['pairs']} pairs of {stats['rows']} rows; truncated {stats['truncated']}, dropped too "
               f"long {stats['dropped_too_long']}")
     if not pairs:
         raise ValueError("no preference pairs left to train on")
-    capacity = 2 * cfg.max_seq_len
+    return pairs
 
-    def load(path):
-        return common.load_model(path, tok, device, cfg)
 
-    def place(m):
-        return common.place(m, mesh, cfg, use_bf16, seq_len=capacity)
-
-    mesh = common.make_mesh(cfg, world, device)
+def reference(cfg, ref_dir, pairs, template, tok, load_placed, mesh, device, use_bf16, rank, world):
+    """The reference side of the loss, before the policy exists (the two are never in memory together):
+    -> (ref_model, ref_table): the frozen model for --ref_mode online, else the (P, 2) table of cached reference
+    log-likelihoods (computed in one no-grad pass on a cache miss); (None, None) for simpo."""
+    if cfg.loss_type == "simpo":
+        return None, None
+    if cfg.ref_mode == "online":
+        ref_model = load_placed(ref_dir).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+        return ref_model, None
+    hashes = pair_hashes(pairs)
+    key = ref_cache_key(file_fingerprint(ref_dir), hashes, cfg.max_seq_len, cfg.loss_type, template)
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
-    tp_group, dpg = common.tp_group(mesh), common.dp_group(mesh)
 
-    # --- reference log-probs: before the policy exists, so the two are never in memory together -----------------
-    ref_model, ref_table = None, None
-    if cfg.loss_type != "simpo":
-        if cfg.ref_mode == "online":
-            ref_model = place(load(ref_dir)).eval()
-            for p in ref_model.parameters():
-                p.requires_grad_(False)
-        else:
-            hashes = pair_hashes(pairs)
-            key = ref_cache_key(file_fingerprint(ref_dir), hashes, cfg.max_seq_len, cfg.loss_type, template)
+    def compute():
+        ref = load_placed(ref_dir)
+        return compute_ref_logps(ref, pairs, 2 * cfg.max_seq_len, tok.pad_token_id, device, cfg.loss_impl, dp_rank,
+                                 dp_world, cfg.micro_batch_rows, common.tp_group(mesh), common.dp_group(mesh),
+                                 use_bf16)
 
-            def compute():
-                ref = place(load(ref_dir))
-                out = compute_ref_logps(ref, pairs, capacity, tok.pad_token_id, device, cfg.loss_impl, dp_rank,
-                                        dp_world, cfg.micro_batch_rows, tp_group, dpg, use_bf16)
-                del ref
-                return out
+    table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank)
+    return None, table.to(device)
 
-            ref_table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank)
-            ref_table = ref_table.to(device)
 
-    model = place(load(model_dir))
+def main(argv=None, finish=True):
+    cfg, is_embedded, rank, world, device, use_bf16 = common.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
+    check_flags(cfg)
+    model_dir = embedded_sft_model(rank) if is_embedded else cfg.model
+    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else model_dir))
+    template = "tulu" if cfg.template == "tulu" else tok.chat_template
+    pairs = load_data(cfg, is_embedded, tok, template, rank)
+    capacity = 2 * cfg.max_seq_len  # a row holds at least one whole pair
+    mesh = common.make_mesh(cfg, world, device)
+
+    def load_placed(path):
+        return common.place(common.load_model(path, tok, device, cfg), mesh, cfg, use_bf16, seq_len=capacity)
+
+    # --- reference log-probs, then the policy -----------------------------------------------------------------------
+    ref_model, ref_table = reference(cfg, cfg.ref_model or model_dir, pairs, template, tok, load_placed, mesh, device,
+                                     use_bf16, rank, world)
+    model = load_placed(model_dir)
+
+    def ref_logps(m):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
+        if ref_model is not None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                return pair_logps(ref_model, m, cfg.loss_impl, common.tp_group(mesh))[0].float()
+        return None if ref_table is None else ref_table[m["pair_ids"]]
+
+    # --- packed loader of pairs, optimizer, resume ------------------------------------------------------------------
+    dp_rank, dp_world = common.dp_coords(mesh, rank, world)
     if cfg.batch_rows % (dp_world * cfg.micro_batch_rows):
         raise ValueError(f"--batch_rows {cfg.batch_rows} must be a multiple of data-parallel ranks ({dp_world}) x "
                          f"--micro_batch_rows ({cfg.micro_batch_rows})")
@@ -379,58 +382,32 @@ def main(argv=None, finish=True):
                                world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id, length_fn=pair_length,
                                to_docs=pair_docs)
     total_steps = cfg.max_steps or cfg.epochs * len(loader)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    ckpt_dir, step = common.resume(cfg, model, optimizer, loader, rank, world)
+    optimizer = common.make_optimizer(model, cfg, device)
+    ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, loader, rank, world)
 
-    def ref_logps(m):
-        if ref_model is not None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                return pair_logps(ref_model, m, cfg.loss_impl, tp_group)[0].float()
-        if ref_table is not None:
-            return ref_table[m["pair_ids"]]
-        return None  # simpo: no reference
-
+    # --- training ---------------------------------------------------------------------------------------------------
     loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio,
                        label_smoothing=cfg.label_smoothing)
     metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="dpo")
-    flops_per_token = num_flops_per_token(model.cfg, capacity)
-    peak = common.peak_flops(device)
-    timer = common.Timer(device)
+    speed = common.Speed(device, num_flops_per_token(model.cfg, capacity), cfg.batch_rows * capacity, world)
     batches = common.step_batches(loader)
     model.train()
     while step < total_steps:
-        rows = next(batches)
-        micro = [stack_pair_rows(rows[i:i + cfg.micro_batch_rows], device)
-                 for i in range(0, len(rows), cfg.micro_batch_rows)]
+        micro = data.micro_batches(next(batches), cfg.micro_batch_rows, device, stack=data.stack_pair_rows)
         sums, n_pairs = dpo_backward(model, micro, ref_logps, loss_kwargs, cfg.loss_impl, mesh, use_bf16)
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
         grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
         step += 1
-
-        dt = timer.tick()
-        sums = common.all_reduce_sum(sums, dpg) / n_pairs
-        if step == cfg.exit_after_steps:
-            os._exit(3)  # an abrupt stop, as a killed job would (tests resume from the last checkpoint)
-        tokens = cfg.batch_rows * capacity
-        values = {"loss": sums[0], "rewards/chosen": sums[1], "rewards/rejected": sums[2],
-                  "rewards/accuracy": sums[3], "rewards/margin": sums[1] - sums[2], "logps/chosen": sums[4],
-                  "logps/rejected": sums[5], "lr": lr, "grad_norm": grad_norm, "pairs": n_pairs,
-                  "tok/s": tokens / dt}
-        if peak:
-            values["mfu"] = flops_per_token * tokens / dt / (peak * world)
-        metrics.log(step, values, show=("loss", "rewards/accuracy", "rewards/margin", "tok/s"))
+        mean = dict(zip(DPO_SUMS, common.all_reduce_sum(sums, common.dp_group(mesh)) / n_pairs))
+        common.exit_if_asked(cfg, step)
+        mean.pop("answer_tokens")
+        metrics.log(step, {**mean, "rewards/margin": mean["rewards/chosen"] - mean["rewards/rejected"], "lr": lr,
+                           "grad_norm": grad_norm, "pairs": n_pairs, **speed.tick()},
+                    show=("loss", "rewards/accuracy", "rewards/margin", "tok/s"))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            common.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
+            checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
     metrics.close()
-
-    out = os.path.join(cfg.output_dir, "final")
-    common.save_hf(model, out, tok_dir=None if embedded else (cfg.tokenizer or model_dir), rank=rank)
-    if rank == 0:
-        print(f"saved {out}")
-    if finish:
-        common.finish_distributed()
-    return out
+    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or model_dir, rank, finish)
 
 
 if __name__ == "__main__":

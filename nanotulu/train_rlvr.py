@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nanotulu import common, data, rewards
+from nanotulu import checkpoint, common, data, embedded, losses, rewards
 from nanotulu.generate import generate
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -52,8 +52,6 @@ class RLVRConfig(common.RunFlags):
     lr: float = 5e-7
     lr_schedule: str = "constant"
     warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     beta: float = field(default=0.01, metadata={"help": "KL coefficient (0: no reference model at all)"})
     kl_estimator: str = field(default="k3", metadata={"help": "k1 | k2 | k3"})
     clip_eps: float = 0.2
@@ -116,7 +114,7 @@ def token_logps(model, batch, temperature, impl, tp_group=None, entropy=False):
     """Per-token log-probs (B*T,) of the next token at the sampling temperature (0 where not trained), and the
     entropy of the tempered distribution when asked (without tensor parallel)."""
     want_entropy = entropy and tp_group is None
-    base = common.loss_head("logprobs", batch["targets"], impl, tp_group,
+    base = losses.loss_head("logprobs", batch["targets"], impl, tp_group,
                             **({"return_entropy": True} if want_entropy else {}))
 
     def head(hidden, weight):  # logits / T == (hidden / T) @ W^T
@@ -148,19 +146,13 @@ def rollout_rows(prompts, responses, per_seq, capacity, pad_id):
     return rows
 
 
-def stack(rows, device, names=()):
-    from nanotulu.train_sft import stack_rows
-
-    batch = stack_rows(rows, device)
-    for name in names:
-        batch[name] = torch.stack([r[name] for r in rows]).reshape(-1).to(device)
-    return batch
+GRPO_SUMS = ("loss", "kl", "clipped", "entropy", "tokens")  # what grpo_backward sums over trained tokens, in order
 
 
 def grpo_backward(model, micro, cfg, impl="auto", mesh=None, use_bf16=False):
     """Forward + backward of one mini-batch of packed rollout rows (each stacked with adv/old_logp/ref_logp per
     position). Token-level normalisation: the summed token loss divided by the mini-batch's answer tokens over all
-    ranks, counted first. Returns (sums (5,) of this rank: loss, kl, clipped tokens, entropy, tokens; n_tokens)."""
+    ranks, counted first. Returns (sums (5,) of this rank, named by GRPO_SUMS; n_tokens)."""
     dp_world = 1 if mesh is None else mesh["dp"].size()
     device = micro[0]["input_ids"].device
     n_tokens = common.all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), common.dp_group(mesh))
@@ -186,7 +178,7 @@ def fill_logps(model, rows, name, cfg, device, use_bf16, tp_group):
     for i in range(0, len(rows), cfg.micro_batch_rows):
         chunk = rows[i:i + cfg.micro_batch_rows]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            lp, _ = token_logps(model, stack(chunk, device), cfg.temperature, cfg.loss_impl, tp_group)
+            lp, _ = token_logps(model, data.stack_rows(chunk, device), cfg.temperature, cfg.loss_impl, tp_group)
         for r, v in zip(chunk, lp.float().cpu().view(len(chunk), -1)):
             r[name] = v
     model.train()
@@ -232,174 +224,186 @@ def resolve_embedded_start(rank):
     return train_sft.main(["--output_dir", "runs/sft"], finish=False)
 
 
-def main(argv=None, finish=True):
-    cfg, embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, EMBEDDED_PRESET, argv, "RLVR")
+def check_flags(cfg):
     if cfg.kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"--kl_estimator {cfg.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
     if cfg.num_samples < 2:
         raise ValueError("--num_samples must be >= 2: group-normalised advantages need a group")
-    nonstop_penalty = None if cfg.nonstop_penalty != cfg.nonstop_penalty else cfg.nonstop_penalty  # nan: off
+    if cfg.row_capacity and cfg.row_capacity < cfg.max_prompt_len + cfg.max_new_tokens:
+        raise ValueError(f"--row_capacity {cfg.row_capacity} cannot hold a prompt + answer of "
+                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens")
 
-    model_dir = resolve_embedded_start(rank) if embedded else cfg.model
-    ref_dir = cfg.ref_model or model_dir
-    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if embedded else model_dir))
-    template = "tulu" if cfg.template == "tulu" else tok.chat_template
-    train_files = cfg.data.split(",") if cfg.data else [common.asset_path("rlvr_train.jsonl")]
-    eval_files = cfg.eval_data.split(",") if cfg.eval_data else ([common.asset_path("rlvr_test.jsonl")]
-                                                                 if embedded else [])
+
+def load_tasks(cfg, is_embedded, tok, template):
+    """-> (training rows, their prompt token ids, held-out rows); prompts longer than --max_prompt_len refused."""
+    train_files = cfg.data.split(",") if cfg.data else [embedded.asset("rlvr_train.jsonl")]
+    eval_files = cfg.eval_data.split(",") if cfg.eval_data else ([embedded.asset("rlvr_test.jsonl")]
+                                                                 if is_embedded else [])
     rows = [r for f in train_files for r in rewards.load_rlvr_rows(f)]
     eval_rows = [r for f in eval_files for r in rewards.load_rlvr_rows(f)]
-    prompts_all = data_prompts(rows, tok, template)
-    too_long = [r["source"] for r, p in zip(rows, prompts_all) if len(p) > cfg.max_prompt_len]
+    prompts = data_prompts(rows, tok, template)
+    too_long = [r["source"] for r, p in zip(rows, prompts) if len(p) > cfg.max_prompt_len]
     if too_long:
         raise ValueError(f"{too_long[0]}: prompt longer than --max_prompt_len {cfg.max_prompt_len} "
                          f"({len(too_long)} such rows); raise the limit or filter the data")
+    return rows, prompts, eval_rows
+
+
+def load_reference(cfg, ref_dir, model, load_placed):
+    """The frozen reference of the KL term (None with --beta 0: no second model in memory)."""
+    if cfg.beta <= 0:
+        return None
+    ref_model = load_placed(ref_dir, check_like=model)
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    return ref_model.eval()
+
+
+def held_out(model, tok, eval_rows, cfg, template, rank, at_step):
+    """Greedy accuracy of the verifiers on the held-out rows (printed and appended to output_dir/eval.jsonl)."""
+    if not eval_rows:
+        return None
+    from nanotulu.eval import evaluate
+    res = evaluate(model, tok, eval_rows, batch_size=256, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                   template=template, progress=False)
+    acc = res["overall"]["score"]
+    if rank == 0:
+        per = ", ".join(f"{k} {v['score']:.3f}" for k, v in res["datasets"].items())
+        print(f"held-out accuracy at step {at_step}: {acc:.3f} ({per})")
+        with open(os.path.join(cfg.output_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"step": at_step, "accuracy": acc, **{f"accuracy/{k}": v["score"]
+                                                                     for k, v in res["datasets"].items()}}) + "\n")
+    return acc
+
+
+def rollout(model, prompts, cfg, tok, gen_seed):
+    """Phase 1: num_samples answers to each prompt, sampled by the policy itself. -> (group prompts, outputs)."""
+    group_prompts = [p for p in prompts for _ in range(cfg.num_samples)]
+    outs = generate(model, group_prompts, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                    temperature=cfg.temperature, seed=gen_seed)
+    return group_prompts, outs
+
+
+def score(outs, tasks, cfg, tok):
+    """Phase 2: verifier scores of the answers and their rewards (x reward_scale; the non-stop penalty for answers
+    cut off by the length limit). -> (scores list, rewards (n,), finished list, verifier stats)."""
+    texts = [tok.decode([t for t in o["tokens"] if t != tok.eos_token_id], skip_special_tokens=True) for o in outs]
+    tasks = [t for t in tasks for _ in range(cfg.num_samples)]
+    scores, vstats = rewards.verify_batch([t["dataset"] for t in tasks], texts, [t["ground_truth"] for t in tasks],
+                                          workers=cfg.verify_workers)
+    finished = [o["finish_reason"] == "stop" for o in outs]
+    penalty = None if cfg.nonstop_penalty != cfg.nonstop_penalty else cfg.nonstop_penalty  # nan: off
+    rew = torch.tensor([rewards.score_to_reward(s, f, scale=cfg.reward_scale, nonstop_penalty=penalty)
+                        for s, f in zip(scores, finished)])
+    return scores, rew, finished, vstats
+
+
+def build_rows(model, ref_model, group_prompts, outs, adv, keep, cfg, capacity, pad_id, device, use_bf16, tpg):
+    """Phase 3: the kept rollouts packed into rows with their per-token advantage, old-policy log-prob and (with a
+    KL term) reference log-prob."""
+    if not keep:
+        return []
+    rows = rollout_rows([group_prompts[i] for i in keep], [outs[i]["tokens"] for i in keep],
+                        {"adv": adv[keep].tolist()}, capacity, pad_id)
+    fill_logps(model, rows, "old_logp", cfg, device, use_bf16, tpg)
+    if ref_model is not None:
+        fill_logps(ref_model, rows, "ref_logp", cfg, device, use_bf16, tpg)
+    return rows
+
+
+def update(model, optimizer, rows, cfg, step, mesh, device, use_bf16):
+    """Phase 4: num_epochs passes over the rollout rows in num_mini_batches optimizer steps each.
+    -> (GRPO_SUMS sums (5,) of this rank, last grad norm, last lr)."""
+    names = ("adv", "old_logp") + (("ref_logp",) if cfg.beta > 0 else ())
+    n_mb = max(1, min(cfg.num_mini_batches, len(rows)))
+    total_updates = cfg.steps * cfg.num_epochs * cfg.num_mini_batches
+    sums, grad_norm, lr = torch.zeros(len(GRPO_SUMS), device=device), torch.zeros(()), cfg.lr
+    for epoch in range(cfg.num_epochs):
+        for k in range(cfg.num_mini_batches):
+            mb = rows[k * len(rows) // n_mb:(k + 1) * len(rows) // n_mb] if k < n_mb else []
+            micro = data.micro_batches(mb, cfg.micro_batch_rows, device, per_position=names)
+            if micro:
+                sums += grpo_backward(model, micro, cfg, cfg.loss_impl, mesh, use_bf16)[0]
+            else:  # this rank has nothing this mini-batch but must join the collectives of the others
+                common.all_reduce_sum(torch.zeros((), device=device), common.dp_group(mesh))
+                _zero_grad_participation(model)
+            update_idx = (step * cfg.num_epochs + epoch) * cfg.num_mini_batches + k
+            lr = common.lr_at(update_idx, total_updates, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
+            grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
+    return sums, grad_norm, lr
+
+
+def main(argv=None, finish=True):
+    cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, EMBEDDED_PRESET, argv, "RLVR")
+    check_flags(cfg)
+    model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model
+    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else model_dir))
+    template = "tulu" if cfg.template == "tulu" else tok.chat_template
+    tasks, prompts, eval_rows = load_tasks(cfg, is_embedded, tok, template)
     capacity = cfg.row_capacity or cfg.max_prompt_len + cfg.max_new_tokens
-    if capacity < cfg.max_prompt_len + cfg.max_new_tokens:
-        raise ValueError(f"--row_capacity {capacity} cannot hold a prompt + answer of "
-                         f"{cfg.max_prompt_len + cfg.max_new_tokens} tokens")
+    mesh = common.make_mesh(cfg, world, device)
 
-    def load(path):
-        return common.load_model(path, tok, device, cfg)
-
-    def place(m):
+    def load_placed(path, check_like=None):
+        m = common.load_model(path, tok, device, cfg)
+        if check_like is not None and checkpoint.model_shape(m) != checkpoint.model_shape(check_like):
+            raise ValueError(f"--ref_model {path}: its shape differs from the policy {model_dir}")
         return common.place(m, mesh, cfg, use_bf16, seq_len=capacity)
 
-    mesh = common.make_mesh(cfg, world, device)
-    model = place(load(model_dir))
-    ref_model = None
-    if cfg.beta > 0:
-        ref_model = load(ref_dir)
-        shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "tie_word_embeddings")
-        if any(getattr(ref_model.cfg, k) != getattr(model.cfg, k) for k in shape):
-            raise ValueError(f"--ref_model {ref_dir}: its shape differs from the policy {model_dir}")
-        ref_model = place(ref_model).eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
+    model = load_placed(model_dir)
+    ref_model = load_reference(cfg, cfg.ref_model or model_dir, model, load_placed)
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
-    tpg, dpg = common.tp_group(mesh), common.dp_group(mesh)
-    sampler = PromptSampler(len(rows), cfg.prompts_per_step, dp_rank, dp_world, cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    total_updates = cfg.steps * cfg.num_epochs * cfg.num_mini_batches
-    ckpt_dir, step = common.resume(cfg, model, optimizer, sampler, rank, world)
-
-    eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
-
-    def held_out(at_step):
-        if not eval_rows:
-            return None
-        from nanotulu.eval import evaluate
-        res = evaluate(model, tok, eval_rows, batch_size=256, max_new_tokens=eval_tokens, template=template,
-                       progress=False)
-        acc = res["overall"]["score"]
-        if rank == 0:
-            per = ", ".join(f"{k} {v['score']:.3f}" for k, v in res["datasets"].items())
-            print(f"held-out accuracy at step {at_step}: {acc:.3f} ({per})")
-            with open(os.path.join(cfg.output_dir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps({"step": at_step, "accuracy": acc, **{f"accuracy/{k}": v["score"]
-                                                                         for k, v in res["datasets"].items()}}) + "\n")
-        return acc
+    sampler = PromptSampler(len(tasks), cfg.prompts_per_step, dp_rank, dp_world, cfg.seed)
+    optimizer = common.make_optimizer(model, cfg, device)
+    ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, sampler, rank, world)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     if step == 0:
-        held_out(0)
+        held_out(model, tok, eval_rows, cfg, template, rank, 0)
     metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), cfg.steps, rank, step, desc="rlvr")
     gen_seed = torch.Generator(device=device)
-    warned_no_signal = False
     while step < cfg.steps:
-        # --- 1-2. rollouts and rewards --------------------------------------------------------------------------
         t0 = time.perf_counter()
         idx = sampler.next()
-        group_prompts = [prompts_all[i] for i in idx for _ in range(cfg.num_samples)]
         gen_seed.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-        outs = generate(model, group_prompts, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                        temperature=cfg.temperature, seed=gen_seed)
+        group_prompts, outs = rollout(model, [prompts[i] for i in idx], cfg, tok, gen_seed)
         t_gen = time.perf_counter() - t0
-        texts = [tok.decode([t for t in o["tokens"] if t != tok.eos_token_id], skip_special_tokens=True)
-                 for o in outs]
-        ds = [rows[i]["dataset"] for i in idx for _ in range(cfg.num_samples)]
-        gts = [rows[i]["ground_truth"] for i in idx for _ in range(cfg.num_samples)]
-        scores, vstats = rewards.verify_batch(ds, texts, gts, workers=cfg.verify_workers)
-        finished = [o["finish_reason"] == "stop" for o in outs]
-        rew = torch.tensor([rewards.score_to_reward(s, f, scale=cfg.reward_scale, nonstop_penalty=nonstop_penalty)
-                            for s, f in zip(scores, finished)])
-        adv, equal = group_advantages(rew, cfg.num_samples)
-        keep = [i for i in range(len(outs)) if not (cfg.drop_equal_groups and equal[i // cfg.num_samples])]
-        if step == 0 and bool(torch.tensor(scores).eq(0).all()) and not warned_no_signal and rank == 0:
+        scores, rew, finished, vstats = score(outs, [tasks[i] for i in idx], cfg, tok)
+        if step == 0 and rank == 0 and not any(scores):
             print("warning: every answer of the first rollout batch failed verification: no reward signal yet "
                   "(is the model able to do these tasks at all, or is the verifier/ground truth wrong?)")
-            warned_no_signal = True
-
-        # --- 3-4. packed rows with advantages, old and reference log-probs --------------------------------------
-        responses = [outs[i]["tokens"] for i in keep]
-        rollout = rollout_rows([group_prompts[i] for i in keep], responses, {"adv": adv[keep].tolist()}, capacity,
-                               tok.pad_token_id) if keep else []
-        fill_logps(model, rollout, "old_logp", cfg, device, use_bf16, tpg)
-        if ref_model is not None:
-            fill_logps(ref_model, rollout, "ref_logp", cfg, device, use_bf16, tpg)
-
-        # --- 5. optimisation --------------------------------------------------------------------------------------
+        adv, equal = group_advantages(rew, cfg.num_samples)
+        keep = [i for i in range(len(outs)) if not (cfg.drop_equal_groups and equal[i // cfg.num_samples])]
+        rows = build_rows(model, ref_model, group_prompts, outs, adv, keep, cfg, capacity, tok.pad_token_id, device,
+                          use_bf16, common.tp_group(mesh))
         t1 = time.perf_counter()
-        names = ("adv", "old_logp") + (("ref_logp",) if ref_model is not None else ())
-        n_mb = max(1, min(cfg.num_mini_batches, len(rollout)))
-        sums = torch.zeros(5, device=device)
-        grad_norm = torch.zeros(())
-        lr = cfg.lr
-        for epoch in range(cfg.num_epochs):
-            for k in range(cfg.num_mini_batches):
-                mb = rollout[k * len(rollout) // n_mb:(k + 1) * len(rollout) // n_mb] if k < n_mb else []
-                micro = [stack(mb[i:i + cfg.micro_batch_rows], device, names)
-                         for i in range(0, len(mb), cfg.micro_batch_rows)]
-                if micro:
-                    s, _ = grpo_backward(model, micro, cfg, cfg.loss_impl, mesh, use_bf16)
-                    sums += s
-                else:  # this rank has nothing this mini-batch but must join the collectives of the others
-                    common.all_reduce_sum(torch.zeros((), device=device), dpg)
-                    _zero_grad_participation(model)
-                update = step * cfg.num_epochs * cfg.num_mini_batches + epoch * cfg.num_mini_batches + k
-                lr = common.lr_at(update, total_updates, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
-                grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
+        loss_sums, grad_norm, lr = update(model, optimizer, rows, cfg, step, mesh, device, use_bf16)
         t_train = time.perf_counter() - t1
         step += 1
 
-        # --- metrics ---------------------------------------------------------------------------------------------
-        n_resp = torch.tensor(float(len(outs)), device=device)
-        stats = torch.stack([torch.tensor(float(sum(scores)), device=device),
-                             torch.tensor(float(sum(s >= 1.0 for s in scores)), device=device),
-                             rew.sum().to(device), torch.tensor(float(sum(len(o["tokens"]) for o in outs)),
-                                                                device=device),
-                             torch.tensor(float(equal.sum()), device=device), n_resp,
-                             torch.tensor(float(sum(finished)), device=device)])
-        stats = common.all_reduce_sum(stats, dpg)
-        sums = common.all_reduce_sum(sums, dpg)
-        tokens_total = sums[4].clamp(min=1)
-        gen_tokens = stats[3]
-        values = {"reward": stats[2] / stats[5], "score": stats[0] / stats[5], "accuracy": stats[1] / stats[5],
-                  "loss": sums[0] / tokens_total, "kl": sums[1] / tokens_total, "clip_frac": sums[2] / tokens_total,
-                  "entropy": sums[3] / tokens_total, "response_len": gen_tokens / stats[5],
-                  "stopped": stats[6] / stats[5], "equal_groups": stats[4], "lr": lr, "grad_norm": grad_norm,
-                  "gen_tok/s": gen_tokens / dp_world / max(t_gen, 1e-9),
-                  "train_tok/s": tokens_total / dp_world * cfg.num_epochs / max(t_train, 1e-9),
-                  "gen_s": t_gen, "train_s": t_train, "verify_errors": vstats.get("error", 0) + vstats.get("timeout", 0)}
-        metrics.log(step, values, show=("reward", "accuracy", "kl", "response_len"))
-        if step == cfg.exit_after_steps:
-            os._exit(3)  # an abrupt stop, as a killed job would (tests resume from the last checkpoint)
+        # --- metrics: named sums of this rank, reduced over the data-parallel ranks once --------------------------
+        tot = common.reduce_named({**dict(zip(GRPO_SUMS, loss_sums)), "reward": rew.sum(), "score": sum(scores),
+                                   "correct": sum(s >= 1.0 for s in scores), "responses": len(outs),
+                                   "response_tokens": sum(len(o["tokens"]) for o in outs),
+                                   "equal_groups": int(equal.sum()), "stopped": sum(finished)},
+                                  common.dp_group(mesh), device)
+        n, n_tok = tot["responses"], tot["tokens"].clamp(min=1)
+        metrics.log(step, {
+            "reward": tot["reward"] / n, "score": tot["score"] / n, "accuracy": tot["correct"] / n,
+            "loss": tot["loss"] / n_tok, "kl": tot["kl"] / n_tok, "clip_frac": tot["clipped"] / n_tok,
+            "entropy": tot["entropy"] / n_tok, "response_len": tot["response_tokens"] / n, "stopped": tot["stopped"] / n,
+            "equal_groups": tot["equal_groups"], "lr": lr, "grad_norm": grad_norm,
+            "gen_tok/s": tot["response_tokens"] / dp_world / max(t_gen, 1e-9),
+            "train_tok/s": n_tok / dp_world * cfg.num_epochs / max(t_train, 1e-9), "gen_s": t_gen, "train_s": t_train,
+            "verify_errors": vstats.get("error", 0) + vstats.get("timeout", 0)},
+            show=("reward", "accuracy", "kl", "response_len"))
+        common.exit_if_asked(cfg, step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            held_out(step)
+            held_out(model, tok, eval_rows, cfg, template, rank, step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            common.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": sampler.state_dict()}, rank)
+            checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": sampler.state_dict()}, rank)
     metrics.close()
-    final_acc = held_out(step)
-
-    out = os.path.join(cfg.output_dir, "final")
-    common.save_hf(model, out, tok_dir=None if embedded else (cfg.tokenizer or model_dir), rank=rank)
-    if rank == 0:
-        print(f"saved {out}")
-    if finish:
-        common.finish_distributed()
-    return out, final_acc
+    final_acc = held_out(model, tok, eval_rows, cfg, template, rank, step)
+    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or model_dir, rank, finish), final_acc
 
 
 def data_prompts(rows, tok, template):

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanotulu import common, data
-from nanotulu.model import build_model, num_flops_per_token
+from nanotulu import checkpoint, common, data, embedded, losses
+from nanotulu.model import build_model, num_flops_per_token, resize_vocab
 
 
 @dataclass
@@ -35,8 +35,6 @@ class SFTConfig(common.RunFlags):
     lr: float = 5e-6
     lr_schedule: str = "linear"
     warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     batch_rows: int = field(default=16, metadata={"help": "packed rows per optimizer step, all ranks (16 x 4096 "
                                                           "tokens ~ Tulu's 128 sequences)"})
     micro_batch_rows: int = field(default=1, metadata={"help": "rows per forward/backward on each rank"})
@@ -46,20 +44,6 @@ class SFTConfig(common.RunFlags):
 # The embedded default: a tiny model learns the synthetic task in a few CPU minutes at a much higher lr.
 EMBEDDED_PRESET = dict(max_seq_len=384, epochs=1, lr=1e-3, warmup_ratio=0.1, weight_decay=0.0, batch_rows=8,
                        save_every=100)
-
-
-def stack_rows(rows, device):
-    """Rows from the loader -> one micro-batch: input_ids/targets/position_ids (B, T) and cu_seqlens over the
-    flattened B*T tokens. targets[t] is the label of token t+1 within its document (-100 elsewhere)."""
-    T = rows[0]["input_ids"].numel()
-    cu = torch.cat([rows[0]["cu_seqlens"][:1]] + [r["cu_seqlens"][1:] + i * T for i, r in enumerate(rows)])
-    batch = {
-        "input_ids": torch.stack([r["input_ids"] for r in rows]),
-        "targets": torch.stack([data.shift_labels(r["labels"], r["cu_seqlens"]) for r in rows]),
-        "position_ids": torch.stack([r["position_ids"] for r in rows]),
-        "cu_seqlens": cu.to(torch.int32),
-    }
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def sft_backward(model, micro, impl="auto", mesh=None, use_bf16=False):
@@ -72,7 +56,7 @@ def sft_backward(model, micro, impl="auto", mesh=None, use_bf16=False):
     n_tokens = common.all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), common.dp_group(mesh))
     loss_sum = torch.zeros((), device=device)
     for m in micro:
-        head = common.loss_head("cross_entropy_sum", m["targets"], impl, common.tp_group(mesh))
+        head = losses.loss_head("cross_entropy_sum", m["targets"], impl, common.tp_group(mesh))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             token_loss = model(m["input_ids"], m["position_ids"], m["cu_seqlens"], head=head)
         # x dp_world: data-parallel gradient reduction averages over ranks, the "sum" loss wants their sum
@@ -81,78 +65,64 @@ def sft_backward(model, micro, impl="auto", mesh=None, use_bf16=False):
     return loss_sum, n_tokens
 
 
-def main(argv=None, finish=True):
-    cfg, embedded, rank, world, device, use_bf16 = common.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
-
-    # --- tokenizer, data ------------------------------------------------------------------------------------------
-    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if embedded else cfg.model))
+def load_data(cfg, is_embedded, tok, rank):
+    """Tokenized, masked SFT examples of the --data mix (the shipped synthetic set for the embedded default)."""
     template = "tulu" if cfg.template == "tulu" else tok.chat_template
-    sources = data.parse_mix(cfg.data) if cfg.data else [(common.asset_path("sft.jsonl"), None)]
+    sources = data.parse_mix(cfg.data) if cfg.data else [(embedded.asset("sft.jsonl"), None)]
     examples, stats = data.load_sft_dataset(sources, tok, template, cfg.max_seq_len, truncate=cfg.truncate,
                                             seed=cfg.seed)
     if rank == 0:
         print(f"data: {len(examples)} examples; {data.format_stats(stats)}")
+    return examples
 
-    # --- model ------------------------------------------------------------------------------------------------------
-    if embedded:
-        model = build_model(common.EMBEDDED_MODEL, device=device, seed=cfg.seed, attn_backend=cfg.attn_backend)
-        common.resize_vocab(model, max(tok.vocab_size, model.cfg.vocab_size))
+
+def main(argv=None, finish=True):
+    cfg, is_embedded, rank, world, device, use_bf16 = common.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
+    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
+    examples = load_data(cfg, is_embedded, tok, rank)
+
+    # --- model, placed on the (dp, tp) mesh ---------------------------------------------------------------------
+    if is_embedded:
+        model = build_model(embedded.EMBEDDED_MODEL, device=device, seed=cfg.seed, attn_backend=cfg.attn_backend)
+        resize_vocab(model, max(tok.vocab_size, model.cfg.vocab_size))
     else:
         model = common.load_model(cfg.model, tok, device, cfg)
     mesh = common.make_mesh(cfg, world, device)
     model = common.place(model, mesh, cfg, use_bf16, seq_len=cfg.max_seq_len)
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
 
+    # --- packed loader, optimizer, resume ---------------------------------------------------------------------------
     if cfg.batch_rows % (dp_world * cfg.micro_batch_rows):
         raise ValueError(f"--batch_rows {cfg.batch_rows} must be a multiple of data-parallel ranks ({dp_world}) x "
                          f"--micro_batch_rows ({cfg.micro_batch_rows})")
-    rows_per_rank = cfg.batch_rows // dp_world
-    loader = data.PackedLoader(examples, capacity=cfg.max_seq_len, rows_per_step=rows_per_rank, rank=dp_rank,
-                               world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id)
-    total_steps = cfg.max_steps or cfg.epochs * len(loader)
+    loader = data.PackedLoader(examples, capacity=cfg.max_seq_len, rows_per_step=cfg.batch_rows // dp_world,
+                               rank=dp_rank, world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id)
     if len(loader) == 0:
         raise ValueError(f"{len(examples)} examples fill fewer than one step of {cfg.batch_rows} rows")
+    total_steps = cfg.max_steps or cfg.epochs * len(loader)
+    optimizer = common.make_optimizer(model, cfg, device)
+    ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, loader, rank, world)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                                  eps=1e-8, fused=device.type == "cuda")
-    ckpt_dir, step = common.resume(cfg, model, optimizer, loader, rank, world)
-
+    # --- training: one optimizer step per loader step ---------------------------------------------------------------
     metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="sft")
-    flops_per_token = num_flops_per_token(model.cfg, cfg.max_seq_len)
-    peak = common.peak_flops(device)
-    timer = common.Timer(device)
+    tokens_per_step = cfg.batch_rows * cfg.max_seq_len  # row capacity, padding included (packing wastes ~1%)
+    speed = common.Speed(device, num_flops_per_token(model.cfg, cfg.max_seq_len), tokens_per_step, world)
     batches = common.step_batches(loader)
     model.train()
     while step < total_steps:
-        rows = next(batches)
-        micro = [stack_rows(rows[i:i + cfg.micro_batch_rows], device)
-                 for i in range(0, len(rows), cfg.micro_batch_rows)]
+        micro = data.micro_batches(next(batches), cfg.micro_batch_rows, device)
         loss_sum, n_tokens = sft_backward(model, micro, cfg.loss_impl, mesh, use_bf16)
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
         grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
         step += 1
-
-        dt = timer.tick()
-        tokens = cfg.batch_rows * cfg.max_seq_len  # row capacity, padding included (packing wastes ~1%)
         loss = common.all_reduce_sum(loss_sum, common.dp_group(mesh)) / n_tokens.clamp(min=1)
-        if step == cfg.exit_after_steps:
-            os._exit(3)  # an abrupt stop, as a killed job would (tests resume from the last checkpoint)
-        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "tok/s": tokens / dt,
-                  "epoch": loader.epoch}
-        if peak:
-            values["mfu"] = flops_per_token * tokens / dt / (peak * world)
-        metrics.log(step, values)
+        common.exit_if_asked(cfg, step)
+        metrics.log(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "epoch": loader.epoch,
+                           **speed.tick()})
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            common.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
+            checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
     metrics.close()
-
-    out = os.path.join(cfg.output_dir, "final")
-    common.save_hf(model, out, tok_dir=None if embedded else (cfg.tokenizer or cfg.model), rank=rank)
-    if rank == 0:
-        print(f"saved {out}")
-    if finish:
-        common.finish_distributed()
-    return out
+    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or cfg.model, rank, finish)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from nanotulu import data
+from nanotulu.data import stack_pair_rows
 from nanotulu.model import LlamaConfig, build_model
 from nanotulu.train_dpo import (dpo_backward, dpo_loss, load_or_compute_ref, load_pairs, pair_docs, pair_hashes,
-                                pair_logps, ref_cache_key, stack_pair_rows, tokenize_pair)
+                                pair_logps, ref_cache_key, tokenize_pair)
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)

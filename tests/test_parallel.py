@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import Shard
 
-from nanotulu import common, data, parallel
+from nanotulu import checkpoint, common, data, parallel
 from nanotulu.model import LlamaConfig, build_model
-from nanotulu.train_dpo import dpo_backward, pair_docs, pair_logps, stack_pair_rows, tokenize_pair
-from nanotulu.train_sft import sft_backward, stack_rows
+from nanotulu.data import stack_pair_rows, stack_rows
+from nanotulu.train_dpo import dpo_backward, pair_docs, pair_logps, tokenize_pair
+from nanotulu.train_sft import sft_backward
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False)
@@ -128,7 +129,7 @@ def _check_steps(rank, world, dp, tp, ac, cfg, s_rows, d_rows, r, out_dir):
 
     # --- one Hugging Face checkpoint gathered from the shards, loaded by transformers -------------------------
     hf_dir = os.path.join(out_dir, "hf")
-    common.save_hf(model, hf_dir, rank=rank)
+    checkpoint.save_hf(model, hf_dir, rank=rank)
     if rank == 0:
         from transformers import LlamaForCausalLM
 
@@ -140,18 +141,10 @@ def _check_steps(rank, world, dp, tp, ac, cfg, s_rows, d_rows, r, out_dir):
         torch.testing.assert_close(hf(ids).logits.float(), ref.logits(ids), rtol=1e-4, atol=1e-4)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("dp,tp,tied,ac", [(2, 1, True, False), (1, 2, True, False), (2, 2, False, True)],
                          ids=["dp2", "tp2", "dp2xtp2"])
 def test_sft_and_dpo_step_match_one_process(dp, tp, tied, ac, tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(dp * tp, _free_port(), dp, tp, tied, ac, str(tmp_path)),
+    torch.multiprocessing.spawn(_worker, args=(dp * tp, common.free_port(), dp, tp, tied, ac, str(tmp_path)),
                                 nprocs=dp * tp, join=True)
 
 
@@ -232,7 +225,7 @@ def test_bad_mesh_flags_and_shapes_are_refused():
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     model = build_model(TINY, seed=0)
     opt = torch.optim.AdamW(model.parameters())
-    path = common.save_checkpoint(str(tmp_path), 1, model, opt, {}, rank=0)
+    path = checkpoint.save_checkpoint(str(tmp_path), 1, model, opt, {}, rank=0)
     other = build_model(replace(TINY, intermediate_size=96), seed=0)
     with pytest.raises(ValueError, match=r"another shape: intermediate_size 64 \(this run: 96\)"):
-        common.load_checkpoint(path, other, torch.optim.AdamW(other.parameters()), rank=0, world_size=1)
+        checkpoint.load_checkpoint(path, other, torch.optim.AdamW(other.parameters()), rank=0, world_size=1)

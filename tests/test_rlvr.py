@@ -7,8 +7,9 @@ import torch
 
 from nanotulu import data
 from nanotulu.model import LlamaConfig, build_model
+from nanotulu.data import stack_rows as stack
 from nanotulu.train_rlvr import (PromptSampler, group_advantages, grpo_backward, grpo_token_loss, kl_estimate,
-                                 rollout_rows, stack)
+                                 rollout_rows)
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)

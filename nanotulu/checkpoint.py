@@ -1,0 +1,157 @@
+"""Resumable checkpoints and the final Hugging Face export.
+
+- save_checkpoint / resume / load_checkpoint: torch.distributed.checkpoint (DCP) for model + optimizer (sharded
+  under FSDP, plain otherwise), plus one small file per rank for what is not a tensor of the model (step, data
+  loader position, RNG states). Written to a temporary name, renamed when every rank is done.
+- full_state_dict / save_hf: the whole model gathered from its shards, written as an HF checkpoint by rank 0.
+"""
+
+import os
+import random
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(ckpt_dir, step, model, optimizer, extra, rank, keep=2):
+    """Writes ckpt_dir/step_{step:08d}: first into a temporary directory, renamed when every rank is done, so a
+    crash mid-write never leaves a checkpoint that looks whole. `extra` (per rank): loader state, RNG, etc."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = os.path.join(ckpt_dir, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    torch.save({**extra, "rng": rng_state(), "step": step, "layout": checkpoint_layout(model)},
+               os.path.join(tmp, f"extra_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+        for d in old[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+    barrier()
+    return final
+
+
+def resume(cfg, model, optimizer, data_state, rank, world):
+    """With --resume, continues from the latest checkpoint in output_dir/checkpoints: model, optimizer, RNG and
+    `data_state` (the data loader or prompt sampler: anything with state_dict/load_state_dict).
+    Returns (checkpoint directory, the step to continue from)."""
+    ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+    latest = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if latest is None:
+        return ckpt_dir, 0
+    extra = load_checkpoint(latest, model, optimizer, rank, world)
+    data_state.load_state_dict(extra["data"])
+    if rank == 0:
+        print(f"resumed from {latest} at step {extra['step']}")
+    return ckpt_dir, extra["step"]
+
+
+def latest_checkpoint(ckpt_dir):
+    if not os.path.isdir(ckpt_dir):
+        return None
+    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+    return os.path.join(ckpt_dir, done[-1]) if done else None
+
+
+def load_checkpoint(path, model, optimizer, rank, world_size):
+    """Restores model, optimizer and RNG in place; returns this rank's `extra` dict (with "step")."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    extra_path = os.path.join(path, f"extra_rank{rank}.pt")
+    n_saved = len([f for f in os.listdir(path) if f.startswith("extra_rank")])
+    if n_saved != world_size or not os.path.isfile(extra_path):
+        raise ValueError(f"{path}: written by {n_saved} ranks, this run has {world_size}: resume on the same mesh")
+    extra = torch.load(extra_path, weights_only=False)
+    saved, now = extra.get("layout"), checkpoint_layout(model)
+    if saved is not None and None not in (saved["model"], now["model"]) and saved["model"] != now["model"]:
+        diff = ", ".join(f"{k} {v} (this run: {now['model'].get(k)})" for k, v in saved["model"].items()
+                         if now["model"].get(k) != v)
+        raise ValueError(f"{path}: written by a model of another shape: {diff}")
+    if saved is not None and saved["mesh"] != now["mesh"]:
+        raise ValueError(f"{path}: written on mesh {saved['mesh']}, this run's is {now['mesh']}: resume with the "
+                         "same --dp_shard and --tp")
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        try:
+            dcp.load(sd, checkpoint_id=path)
+        except (Exception, dcp.api.CheckpointException) as e:  # shapes or names differ (CheckpointException is a
+            # BaseException whose last line names the tensor)
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [repr(e)]
+            raise ValueError(f"{path}: does not match this model/optimizer ({last[0][:300]})") from e
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_rng_state(extra["rng"])
+    return extra
+
+
+def checkpoint_layout(model):
+    """What a resume must match besides the rank count: the model's shape and the mesh its parameters live on
+    ({"dp": 2, "tp": 2}; None when not parallelised)."""
+    from torch.distributed.tensor import DTensor
+
+    p = next(model.parameters())
+    mesh = dict(zip(p.device_mesh.mesh_dim_names, p.device_mesh.shape)) if isinstance(p, DTensor) else None
+    return {"model": model_shape(model), "mesh": mesh}
+
+
+def model_shape(model):
+    """The config fields that decide every tensor's shape (None for a model without a LlamaConfig)."""
+    c = getattr(model, "cfg", None)
+    return None if c is None else {k: getattr(c, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "tie_word_embeddings")}
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def full_state_dict(model):
+    """The whole model's state dict as plain CPU tensors (gathers FSDP/TP shards). Under a process group only rank 0
+    gets it (the others an empty dict), so a large model is not held in CPU memory once per rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_hf(model, out_dir, tok_dir=None, rank=0):
+    """Final Hugging Face checkpoint (gathered from shards), plus the tokenizer files when there are any."""
+    sd = full_state_dict(model)
+    if rank == 0:
+        model.save_pretrained(out_dir, state_dict=sd)
+        if tok_dir:
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if os.path.isfile(os.path.join(tok_dir, name)):
+                    shutil.copy(os.path.join(tok_dir, name), os.path.join(out_dir, name))
+    barrier()
+

@@ -1,0 +1,33 @@
+"""Loss heads: what the trainers hand to `Llama.forward(head=...)` so the fused kernels see the final hidden states
+and the output weight (gathered by FSDP for the call) and the (tokens x vocab) logits never exist."""
+
+import torch.distributed as dist
+
+
+def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
+    """A `head` for Llama.forward: fused per-token loss from hidden (B, T, H) and the output weight (V, H).
+    Under tensor parallel the weight is a vocab shard and the vocab-parallel kernel combines the shards."""
+    from nanotulu import kernels
+
+    def head(hidden, weight):
+        if tp_group is not None:
+            from torch.distributed.tensor import DTensor
+            # hidden: sequence-split DTensor (B, T/tp, H) per rank -> full (B, T, H) on every rank of the group (its
+            # gradient comes back whole: the kernel sums dX over the group); weight: this rank's vocab rows
+            hidden = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
+            local = weight.to_local() if isinstance(weight, DTensor) else weight
+            h = hidden.reshape(-1, hidden.shape[-1]).to(local.dtype)
+            start = local.shape[0] * dist.get_rank(tp_group)
+            logps = kernels.vocab_parallel_linear_logprobs(h, local, targets.reshape(-1), start, tp_group,
+                                                           impl=impl)
+            if fn == "logprobs":
+                return logps
+            return -logps.sum()
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if h.dtype != weight.dtype:
+            h = h.to(weight.dtype)
+        if fn == "cross_entropy_sum":
+            return kernels.linear_cross_entropy(h, weight, targets.reshape(-1), reduction="sum", impl=impl)
+        return kernels.linear_logprobs(h, weight, targets.reshape(-1), impl=impl, **kw)
+
+    return head
