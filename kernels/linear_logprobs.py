@@ -22,11 +22,9 @@ FLOP count (the softmax is negligible):
 - linear_logprobs (per-token upstream gradient, both impls): forward 2NHV (logits for the lse), backward 6NHV
   (recompute logits 2, dX 2, dW 2) = 8NHV. The upstream gradient is unknown in the forward pass, and the
   softmax needs a row's whole lse before any dz, so without keeping (N, V) logits 8NHV is the floor.
-- linear_cross_entropy, reduction sum/mean, impl "torch": the upstream gradient is one scalar, so the forward
-  pass computes lse, dz, dX and dW from the same logit block per chunk: 6NHV, and backward only scales.
-  The fused Triton kernels cannot reach 6NHV: holding a token's logits until its lse is known takes a
-  (tokens x V) block in memory, which is exactly what the tile-only kernels avoid; so the Triton path of
-  linear_cross_entropy is 8NHV like linear_logprobs. (A 6NHV Triton path needs a chunked logits buffer in HBM.)
+- linear_cross_entropy, reduction sum/mean (impl auto, fused, torch): the chunked loss-fused path of
+  chunked_loss.py, 6NHV (gradient formed in the forward pass), and what DPO and GRPO use through
+  fused_linear_loss. The tile kernels here are the memory-lean option: no logits in memory, 8NHV.
 
 dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative). The deterministic alternative
 (a program owns V rows of dW and loops over all tokens) cannot hold its BLOCK_V x H fp32 accumulator on chip at
@@ -310,10 +308,10 @@ def _torch_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab_
 # Low-level primitives (explicit vocab offset, external lse): what the vocab-parallel combine is built on
 # ---------------------------------------------------------------------------------------------------------------
 def _resolve_impl(impl, hidden):
-    if impl == "auto":
+    if impl in ("auto", "fused"):  # per-token log-probs with an unknown upstream gradient: nothing to fuse
         return "triton" if hidden.is_cuda else "torch"
     if impl not in ("triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'fused', 'triton' or 'torch', got {impl!r}")
     return impl
 
 
@@ -409,46 +407,6 @@ class _LinearLogprobsFn(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None, None
 
 
-class _TorchCrossEntropyFn(torch.autograd.Function):
-    """Sum or mean cross-entropy, chunked torch, gradient computed in the forward pass (6NHV)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, mean, need_hidden, need_weight, chunk_size):
-        N, H = hidden.shape
-        V = weight.shape[0]
-        chunk = chunk_size or _default_chunk(V)
-        valid, inside, t_idx = _target_index(targets, V, 0, ignore_index)
-        n_valid = valid.sum().clamp(min=1).float()  # stays on device
-        scale = (1.0 / n_valid) if mean else torch.ones((), device=hidden.device)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        dx = torch.zeros(N, H, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        dw32 = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if need_weight else None
-        w_t = weight.t()
-        for s in range(0, N, chunk):
-            e = s + chunk
-            z = _mm_f32(hidden[s:e], w_t)  # (C, V) fp32, used for the loss and the gradient
-            lse = torch.logsumexp(z, dim=1)
-            tgt = z.gather(1, t_idx[s:e, None]).squeeze(1)
-            loss += torch.where(valid[s:e], lse - tgt, 0.0).sum()
-            if need_hidden or need_weight:
-                g = torch.where(valid[s:e], -scale, 0.0)  # d loss / d logp per token
-                dz = _torch_dz(z, lse, g, -g, torch.zeros_like(g), valid[s:e], inside[s:e], t_idx[s:e])
-                if need_hidden:
-                    dx[s:e] = _mm_f32(dz, weight)
-                if need_weight:
-                    dw32 += _mm_f32(dz.t(), hidden[s:e])
-        ctx.save_for_backward(dx, dw32)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return loss * scale
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw32 = ctx.saved_tensors
-        d_hidden = (dx * grad_loss).to(ctx.dtypes[0]) if dx is not None else None
-        d_weight = (dw32 * grad_loss).to(ctx.dtypes[1]) if dw32 is not None else None
-        return d_hidden, d_weight, None, None, None, None, None, None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,16 +439,31 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="
 
     reduction: "sum" (sum over trained tokens), "mean" (sum / max(trained tokens, 1): 0 when all are ignored,
     where torch's cross_entropy gives nan), "none" ((N,) fp32, 0 where ignored). Returns fp32.
+    impl for sum/mean: "auto" (the chunked loss-fused path of chunked_loss.py, 6NHV: Triton rows on CUDA, torch
+    rows on CPU), "fused" (that path with the Triton row kernels, interpreted on CPU), "torch" (that path with
+    torch rows), "triton" (the tile-only kernels, 8NHV, no logits in memory). reduction "none" goes through
+    linear_logprobs (8NHV: the per-token upstream gradient is unknown in the forward).
     """
     _check_inputs(hidden, weight, targets)
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    if impl not in ("auto", "fused", "triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'fused', 'triton' or 'torch', got {impl!r}")
+    if reduction != "none" and impl != "triton":
+        from .chunked_loss import fused_linear_loss
+
+        valid = targets != ignore_index
+        # mean: the normaliser is counted on device before the chunks (no host sync)
+        scale = 1.0 / valid.sum().clamp(min=1).float() if reduction == "mean" else None
+
+        def loss_fn(logp, _entropy, start, end):
+            total = -logp.sum()
+            return total if scale is None else total * scale
+
+        row_impl = {"auto": "auto", "fused": "triton", "torch": "torch"}[impl]
+        return fused_linear_loss(hidden, weight, targets, loss_fn, ignore_index=ignore_index,
+                                 chunk_size=chunk_size, row_impl=row_impl)[0]
     impl = _resolve_impl(impl, hidden)
-    if reduction != "none" and impl == "torch":
-        grad = torch.is_grad_enabled()
-        need_hidden, need_weight = grad and hidden.requires_grad, grad and weight.requires_grad
-        return _TorchCrossEntropyFn.apply(hidden, weight, targets, ignore_index, reduction == "mean",
-                                          need_hidden, need_weight, chunk_size)
     kw = {} if chunk_size is None or impl != "torch" else dict(stats=dict(chunk_size=chunk_size),
                                                                grads=dict(chunk_size=chunk_size))
     losses = -linear_logprobs(hidden, weight, targets, ignore_index, impl=impl, **kw)
