@@ -117,24 +117,38 @@ def _row_grad_kernel(Z, DZ, T, LSE, GT, CA, CB, V, stride_z, stride_dz, vocab_st
         tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=ok)
 
 
-def _row_config(z):
-    # interpreter: small tiles so the tests cross tile edges; GPU: 2048 fp32 per tile over 8 warps (8 per thread)
-    return (64, 1) if (INTERPRET or not z.is_cuda) else (2048, 8)
+# Default GPU launch configurations, (kernel, constexprs, num_warps, num_stages): the launchers read them and
+# `python -m nanotulu.kernels.report` compiles each for sm_90a (tests/test_sm90_compile.py fails on any spill).
+# 2048 fp32 per tile over 8 warps: 8 per thread, 16-byte loads; the rows are memory bound.
+GPU_CONFIGS = [
+    ("_row_stats_kernel", dict(BLOCK_V=2048, WANT_EZ=False), 8, 3),
+    ("_row_stats_kernel", dict(BLOCK_V=2048, WANT_EZ=True), 8, 3),
+    ("_row_grad_kernel", dict(BLOCK_V=2048, HAS_CB=False), 8, 3),
+    ("_row_grad_kernel", dict(BLOCK_V=2048, HAS_CB=True), 8, 3),
+]
+
+
+def _row_config(z, kernel):
+    if INTERPRET or not z.is_cuda:
+        return 64, 1, 1  # interpreter: small tiles so the tests cross tile edges
+    c, warps, stages = next((c, w, st) for k, c, w, st in GPU_CONFIGS if k == kernel)
+    return c["BLOCK_V"], warps, stages
 
 
 def _triton_rows_stats(z, targets, vocab_start, ignore_index, want_ez, lse, tgt, ez, block_v=None):
     C, V = z.shape
-    bv, warps = _row_config(z)
+    bv, warps, stages = _row_config(z, "_row_stats_kernel")
     _row_stats_kernel[(C,)](z, targets, lse, tgt, ez if want_ez else lse, V, z.stride(0), vocab_start,
-                            ignore_index, BLOCK_V=block_v or bv, WANT_EZ=want_ez, num_warps=warps)
+                            ignore_index, BLOCK_V=block_v or bv, WANT_EZ=want_ez, num_warps=warps,
+                            num_stages=stages)
 
 
 def _triton_rows_grad(z, dz, targets, lse, g, a, b, vocab_start, ignore_index, block_v=None):
     C, V = z.shape
-    bv, warps = _row_config(z)
+    bv, warps, stages = _row_config(z, "_row_grad_kernel")
     _row_grad_kernel[(C,)](z, dz, targets, lse, g, a, b if b is not None else a, V, z.stride(0), dz.stride(0),
                            vocab_start, ignore_index, BLOCK_V=block_v or bv, HAS_CB=b is not None,
-                           num_warps=warps)
+                           num_warps=warps, num_stages=stages)
 
 
 # ---------------------------------------------------------------------------------------------------------------

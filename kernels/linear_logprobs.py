@@ -160,20 +160,32 @@ def _grads_kernel(X, W, T, LSE, GT, CA, CB, DX, DW,  # DX (N, H) fp32, DW (V, H)
 # ---------------------------------------------------------------------------------------------------------------
 # Triton launchers
 # ---------------------------------------------------------------------------------------------------------------
+# Default GPU launch configurations, (kernel, constexprs, num_warps, num_stages): the launchers read them and
+# `python -m nanotulu.kernels.report` compiles each for sm_90a (tests/test_sm90_compile.py fails on any spill).
+# Chosen by compiling for sm_90a (kernels/report.py): the former 128x128x64 stats and 64x128x64 grads tiles took
+# 255 registers and spilled 256 / 400 bytes to local memory (the online softmax keeps several (BLOCK_N, BLOCK_V)
+# fp32 temporaries; the grads kernel holds dz and two (., BLOCK_H) products). Halving one tile dimension of the
+# stats (BLOCK_V 64) and the k-step of the grads (BLOCK_H 32) removes the spills at the same token block.
+GPU_CONFIGS = [
+    ("_stats_kernel", dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64), 8, 3),
+    ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=True, COMPUTE_DW=True), 8, 3),
+    ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=True, COMPUTE_DW=False), 8, 3),
+    ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=False, COMPUTE_DW=True), 8, 3),
+]
+
+
 def _triton_config(hidden, kernel, block_n, block_v, block_h):
     if INTERPRET or not hidden.is_cuda:
         # the interpreter runs each program in numpy: few, mid-sized tiles; fp32 dots (bf16 is garbage there)
         dot_dtype, precision = tl.float32, "ieee"
-        defaults = (16, 32, 32, 1)
+        bn, bv, bh, warps, stages = 16, 32, 32, 1, 1
     else:
         dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(hidden.dtype, tl.float32)
         precision = "ieee" if dot_dtype == tl.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
-        # GEMM-like 128 x 128 logit tiles for the stats; the grads kernel also holds dz and two partial
-        # products, so half the tokens per tile. Untuned guesses: no GPU was at hand when this was written.
-        defaults = (128, 128, 64, 8) if kernel == "stats" else (64, 128, 64, 8)
-    bn, bv, bh, warps = defaults
+        c, warps, stages = next((c, w, st) for k, c, w, st in GPU_CONFIGS if k == "_" + kernel + "_kernel")
+        bn, bv, bh = c["BLOCK_N"], c["BLOCK_V"], c["BLOCK_H"]
     return dict(BLOCK_N=block_n or bn, BLOCK_V=block_v or bv, BLOCK_H=block_h or bh,
-                DOT_DTYPE=dot_dtype, PRECISION=precision), warps
+                DOT_DTYPE=dot_dtype, PRECISION=precision), warps, stages
 
 
 def _triton_stats(hidden, weight, targets, vocab_start, ignore_index, n_split=None,
@@ -181,7 +193,7 @@ def _triton_stats(hidden, weight, targets, vocab_start, ignore_index, n_split=No
     N, H = hidden.shape
     V = weight.shape[0]
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    cfg, warps = _triton_config(hidden, "stats", block_n, block_v, block_h)
+    cfg, warps, stages = _triton_config(hidden, "stats", block_n, block_v, block_h)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     v_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     if n_split is None:
@@ -195,7 +207,7 @@ def _triton_stats(hidden, weight, targets, vocab_start, ignore_index, n_split=No
     ez_p = torch.empty_like(lse_p)
     _stats_kernel[(n_blocks, n_split)](
         hidden, weight, targets, lse_p, tgt_p, ez_p, N, V, H, vocab_start, ignore_index, v_per_split,
-        hidden.stride(0), weight.stride(0), num_warps=warps, **cfg)
+        hidden.stride(0), weight.stride(0), num_warps=warps, num_stages=stages, **cfg)
     # combine the splits, (n_split, N) -> (N,): all on device, no sync
     valid = targets != ignore_index
     lse = torch.logsumexp(lse_p, dim=0)
@@ -209,7 +221,7 @@ def _triton_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab
     N, H = hidden.shape
     V = weight.shape[0]
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    cfg, warps = _triton_config(hidden, "grads", block_n, block_v, block_h)
+    cfg, warps, stages = _triton_config(hidden, "grads", block_n, block_v, block_h)
     dx = torch.zeros(N, H, dtype=torch.float32, device=hidden.device) if need_hidden else None
     dw = torch.empty_like(weight) if need_weight else None
     if v_chunk is None:
@@ -230,7 +242,7 @@ def _triton_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab
         _grads_kernel[grid](
             hidden, w_c, targets, lse, g_target, coef_p, coef_pz, dx if need_hidden else lse, dw_c,
             N, v1 - v0, H, vocab_start + v0, ignore_index, hidden.stride(0), w_c.stride(0),
-            H, H, COMPUTE_DX=need_hidden, COMPUTE_DW=need_weight, num_warps=warps, **cfg)
+            H, H, COMPUTE_DX=need_hidden, COMPUTE_DW=need_weight, num_warps=warps, num_stages=stages, **cfg)
         if dw32 is not None:
             dw[v0:v1].copy_(dw_c)
     return dx, dw
