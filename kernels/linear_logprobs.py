@@ -26,7 +26,9 @@ FLOP count (the softmax is negligible):
   chunked_loss.py, 6NHV (gradient formed in the forward pass), and what DPO and GRPO use through
   fused_linear_loss. The tile kernels here are the memory-lean option: no logits in memory, 8NHV.
 
-dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative). The deterministic alternative
+dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative), launched on a diagonal grid
+so that CTAs running together add into different dW and dX tiles (see _grads_kernel): the atomics are as many as
+before (N/BLOCK_N x V x H adds to dW) but no longer queue on the same addresses. The deterministic alternative
 (a program owns V rows of dW and loops over all tokens) cannot hold its BLOCK_V x H fp32 accumulator on chip at
 H = 4096 and would either read/write it in HBM once per token tile or recompute the logits once per H block;
 both cost far more than the atomics. To bound the fp32 scratch, the grads kernel runs once per chunk of
@@ -118,8 +120,15 @@ def _grads_kernel(X, W, T, LSE, GT, CA, CB, DX, DW,  # DX (N, H) fp32, DW (V, H)
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # One program: one (BLOCK_N, BLOCK_V) tile: recompute z, form dz, add dz W to dX and dz^T X to dW.
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Diagonal order of the 1-D grid: program L takes token block n = L mod n_blocks and vocab tile
+    # v = (L div n_blocks + n) mod v_tiles (a bijection onto all tiles). CTAs resident together (consecutive L)
+    # then hold distinct token blocks AND distinct vocab tiles, so no dW row tile (nor dX row block) is the
+    # target of more than ~2-3 concurrent atomic streams; the plain (n fastest) order sent every resident CTA's
+    # dW atomics to the same one or two vocab tiles (128-way contention at N = 8192, BLOCK_N = 64).
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % n_blocks
+    pid_v = (pid // n_blocks + pid_n) % tl.cdiv(V, BLOCK_V)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     t = tl.load(T + rows, mask=row_ok, other=ignore_index)
@@ -238,7 +247,7 @@ def _triton_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab
             dw_c.zero_()
         else:
             dw_c = lse  # unused pointer
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, cfg["BLOCK_V"]))
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(v1 - v0, cfg["BLOCK_V"]),)  # diagonal order
         _grads_kernel[grid](
             hidden, w_c, targets, lse, g_target, coef_p, coef_pz, dx if need_hidden else lse, dw_c,
             N, v1 - v0, H, vocab_start + v0, ignore_index, hidden.stride(0), w_c.stride(0),
