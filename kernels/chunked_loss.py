@@ -184,7 +184,7 @@ def _mm_into(a, b, out):
 _ADDMM_MIXED = {}  # device type -> whether addmm(fp32 acc, bf16, bf16, out_dtype=fp32) runs
 
 
-def _addmm_acc(acc, a, b, block_rows=16384):
+def _addmm_acc(acc, a, b, block_rows=8192):
     """acc (fp32) += a @ b, in place. 16-bit a, b on GPU: cuBLAS with an fp32 C/D matrix (addmm.dtype_out);
     torch builds that refuse an fp32 `self` fall back to row blocks of acc with a bounded fp32 temporary."""
     # addmm with out=acc, not addmm_: the same in-place kernel, and FlopCounterMode counts it (it skips addmm_)
@@ -201,7 +201,7 @@ def _addmm_acc(acc, a, b, block_rows=16384):
             return
         except RuntimeError:
             _ADDMM_MIXED["cuda"] = False
-    for r in range(0, acc.shape[0], block_rows):  # at most block_rows x H fp32 extra (256 MiB at H 4096)
+    for r in range(0, acc.shape[0], block_rows):  # at most block_rows x H fp32 extra (128 MiB at H 4096)
         acc[r:r + block_rows] += torch.mm(a[r:r + block_rows], b, out_dtype=torch.float32)
 
 
