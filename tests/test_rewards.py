@@ -1,4 +1,4 @@
-"""Verifiers, batch verification and RLVR loading (nanotulu/rewards.py).
+"""Verifiers, batch verification and RLVR loading (the nanotulu/rewards package).
 
 Every expected score below was decided by hand from the instruction's wording (IFEval's / Tulu's definitions),
 not by running the code under test."""
@@ -12,6 +12,9 @@ import time
 import pytest
 
 from nanotulu import rewards
+from nanotulu.rewards import ifeval
+from nanotulu.rewards import math as math_verifier
+from nanotulu.rewards import pool as reward_pool
 from nanotulu.rewards import (
     IFEVAL_INSTRUCTIONS,
     TULU_IF_FUNCTIONS,
@@ -101,7 +104,7 @@ def test_math(response, gt, expected):
 
 def test_math_hang_in_process_is_cut_by_math_verify_timeout(monkeypatch):
     # workers=0 has no pool to kill a hanging answer: math-verify's own SIGALRM timeout must stop it.
-    monkeypatch.setattr(rewards, "MATH_TIMEOUT_S", 1)
+    monkeypatch.setattr(math_verifier, "MATH_TIMEOUT_S", 1)
     t0 = time.monotonic()
     assert verify("math", HANGING, "1") == 0.0
     assert time.monotonic() - t0 < 10
@@ -255,7 +258,7 @@ def test_ifeval_table_lists_all_25_types():
     assert len(IFEVAL_INSTRUCTIONS) == 25
     assert set(IFEVAL_CASES) == set(IFEVAL_INSTRUCTIONS)
     for iid in IFEVAL_INSTRUCTIONS:  # the documented list in the comment above the table names every id
-        assert iid in open(rewards.__file__).read().split("IFEVAL_INSTRUCTIONS = {")[0]
+        assert iid in open(ifeval.__file__).read().split("IFEVAL_INSTRUCTIONS = {")[0]
 
 
 @pytest.mark.parametrize("iid", sorted(IFEVAL_CASES))
@@ -518,17 +521,17 @@ def test_verify_batch_workers_survive_hang_error_and_oversize(caplog):
     assert elapsed < 20  # the hang cost about one timeout, not minutes
     assert "unknown ifeval instruction id 'no_such:id'" in caplog.text  # the first error's reason is logged
     # The pool is reused by the next call and still works after the restart.
-    pool = rewards._POOL
+    pool = reward_pool._POOL
     scores, stats = verify_batch(["gsm8k"] * 3, ["so 1", "so 2", "so 4"], ["1", "2", "3"], workers=2, timeout=1.0)
     assert scores == [1.0, 1.0, 0.0] and stats["ok"] == 3
-    assert rewards._POOL is pool
+    assert reward_pool._POOL is pool
 
 
 def test_verify_batch_worker_killed_mid_answer():
     # As if the OOM killer struck: the answer each worker held scores 0 (error), new workers take the rest.
     # One answer per chunk, the two hanging answers first: both workers are busy on them when they are killed.
     verify_batch(["gsm8k"], ["1"], ["1"], workers=2, timeout=30.0)  # make sure the pool is up
-    pids = [p.pid for p in rewards._POOL.procs]
+    pids = [p.pid for p in reward_pool._POOL.procs]
 
     def kill_busy_workers():
         for pid in pids:
