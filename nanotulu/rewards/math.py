@@ -42,7 +42,9 @@ def _last_braced(text, command):
 
 _FINAL_ANSWER = re.compile(r"final answer\s*(?:is)?\s*[:：]\s*(.+)", re.IGNORECASE)
 _MINERVA_TAIL = re.compile(r"^\s*the final answer is\s*|\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
-_DOLLARS = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$", re.DOTALL)
+# $$...$$ or $...$; an escaped dollar (\$, a currency sign in LaTeX) neither opens nor closes math mode, so
+# "$\$18.90$" holds "\$18.90".
+_DOLLARS = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$((?:\\.|[^\\$])+?)\$", re.DOTALL)
 
 
 def extract_math_answer(response):
