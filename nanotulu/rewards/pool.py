@@ -21,6 +21,8 @@ import time
 
 from nanotulu.rewards import math as math_verifier
 from nanotulu.rewards.dispatch import verify
+from nanotulu.rewards.ifeval import split_sentences
+from nanotulu.rewards.language import detect_language
 
 _log = logging.getLogger(__name__)
 
@@ -33,8 +35,11 @@ def _worker_main(conn):
     answer from the previous reply."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's business; it shuts us down
     try:
-        math_verifier.verify_math("\\boxed{1}", "1")  # import math-verify and warm sympy before the first timed answer
+        # Import math-verify, warm sympy, load langdetect's profiles and Punkt before the first timed answer.
+        math_verifier.verify_math("\\boxed{1}", "1")
         math_verifier.verify_math("\\boxed{\\frac{1}{2}}", "0.5")
+        detect_language("Warm up the language profiles.")
+        split_sentences("Warm up. Punkt too.")
     except Exception:
         pass
     conn.send(("ready", os.getpid()))
