@@ -585,6 +585,7 @@ def test_verify_batch_worker_killed_mid_answer():
     # As if the OOM killer struck: the answer each worker held scores 0 (error), new workers take the rest.
     # One answer per chunk, the two hanging answers first: both workers are busy on them when they are killed.
     verify_batch(["gsm8k"], ["1"], ["1"], workers=2, timeout=30.0)  # make sure the pool is up
+    reward_pool._POOL.wait_until_ready(120.0)  # a worker replaced by an earlier test may still be loading
     pids = [p.pid for p in reward_pool._POOL.procs]
 
     def kill_busy_workers():

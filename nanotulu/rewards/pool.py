@@ -78,15 +78,19 @@ class _Pool:
         self.restarts = 0
         for w in range(workers):
             self._start(w)
-        for w in range(workers):  # wait for all, so that the first batch is spread over every worker
-            if self.conns[w].poll(120.0):
+        self.wait_until_ready(120.0)  # all of them, so that the first batch is spread over every worker
+        if not any(self.ready):
+            self.close(kill=True)
+            raise RuntimeError("no reward worker process could start")
+
+    def wait_until_ready(self, timeout):
+        """Waits up to `timeout` s for each worker that has not yet said "ready" (a replacement still loading)."""
+        for w in range(len(self.procs)):
+            if not self.ready[w] and self.conns[w].poll(timeout):
                 try:
                     self.ready[w] = self.conns[w].recv()[0] == "ready"
                 except (EOFError, OSError):
                     pass
-        if not any(self.ready):
-            self.close(kill=True)
-            raise RuntimeError("no reward worker process could start")
 
     def _start(self, w):
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
