@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanotulu import checkpoint, common, data, embedded, losses
@@ -165,7 +166,8 @@ def pair_logps(model, batch, impl, tp_group=None):
     """Policy (or reference) answer log-likelihoods of the pairs in a stacked micro-batch:
     -> (logps (P, 2) summed over answer tokens, counts (P, 2) answer tokens), chosen in column 0."""
     head = losses.loss_head("logprobs", batch["targets"], impl, tp_group)
-    logps = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)  # (B*T,)
+    logps = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head,
+                  max_seqlen=batch.get("max_seqlen"))  # (B*T,)
     n_seg = batch["cu_seqlens"].numel() - 1
     sums = segment_sums(logps, batch["cu_seqlens"], n_seg)
     counts = segment_sums((batch["targets"].reshape(-1) != data.IGNORE_INDEX).float(), batch["cu_seqlens"], n_seg)
@@ -231,7 +233,7 @@ def compute_ref_logps(model, pairs, capacity, pad_id, device, impl, rank, world,
             row["example_ids"] = list(b)
             rows.append(row)
         batch = data.stack_pair_rows(rows, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with common.precision(model, use_bf16):
             lp, n = pair_logps(model, batch, impl, tp_group)
         if mine[i:i + rows_per_pass]:
             table[batch["pair_ids"]] = lp.float()
@@ -243,25 +245,36 @@ def compute_ref_logps(model, pairs, capacity, pad_id, device, impl, rank, world,
     return table, counts
 
 
-def load_or_compute_ref(cfg, key, hashes, compute, rank):
-    """The cached table for `key`, else compute() and cache it (written to a temporary name, then renamed)."""
+def load_or_compute_ref(cfg, key, hashes, compute, rank, device=None):
+    """The cached table for `key`, else compute() and cache it. Correct without a shared file system: every rank
+    reads its own cache_dir, the ranks agree on hit or miss (one all-reduce) before compute()'s collectives, all of
+    them compute when any one misses, and every rank writes its own copy (temporary name, then renamed: ranks
+    sharing a directory replace the file with the same content)."""
     cache_dir = os.path.expanduser(cfg.ref_cache_dir)
     path = os.path.join(cache_dir, f"ref_logps_{key}.pt")
+    cached, bad = None, False
     if os.path.isfile(path):
         cached = torch.load(path, weights_only=True)
-        if cached["key"] != key or not torch.equal(cached["pair_hashes"], hashes):
-            raise ValueError(f"{path}: reference cache does not match this data (pairs shifted or changed); "
-                             "delete it to recompute")
+        bad = cached["key"] != key or not torch.equal(cached["pair_hashes"], hashes)
+    # [ranks missing the file, ranks holding a file of other data], summed over every rank
+    votes = torch.tensor([float(cached is None), float(bad)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(votes)
+    if votes[1] > 0:
+        where = path if bad else f"the cache of another rank ({int(votes[1])} ranks)"
+        raise ValueError(f"{where}: reference cache does not match this data (pairs shifted or changed); delete it "
+                         "to recompute")
+    if votes[0] == 0:
         if rank == 0:
             print(f"reference log-probs: cache hit {path}")
         return cached["logps"], path, True
     logps, _ = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{rank}-{os.getpid()}"
+    torch.save({"key": key, "pair_hashes": hashes, "logps": logps.cpu()}, tmp)
+    os.replace(tmp, path)
     if rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}"
-        torch.save({"key": key, "pair_hashes": hashes, "logps": logps.cpu()}, tmp)
-        os.replace(tmp, path)
-        print(f"reference log-probs: computed and cached in {path}")
+        print(f"reference log-probs: computed ({int(votes[0])} ranks had no cache) and cached in {path}")
     return logps.cpu(), path, False
 
 
@@ -281,8 +294,8 @@ def dpo_backward(model, micro, ref_logps, loss_kwargs, impl="auto", mesh=None, u
     n_pairs = common.all_reduce_sum(torch.tensor(float(sum(m["pair_ids"].numel() for m in micro)), device=device),
                                     common.dp_group(mesh))
     sums = torch.zeros(7, device=device)
-    for m in micro:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    for m in common.grad_sync_on_last(model, micro):
+        with common.precision(model, use_bf16):
             pi, counts = pair_logps(model, m, impl, common.tp_group(mesh))  # (P, 2) each
         ref = ref_logps(m)
         ref = torch.zeros_like(pi) if ref is None else ref
@@ -345,7 +358,7 @@ def reference(cfg, ref_dir, pairs, template, tok, load_placed, mesh, device, use
                                  dp_world, cfg.micro_batch_rows, common.tp_group(mesh), common.dp_group(mesh),
                                  use_bf16)
 
-    table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank)
+    table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank, device)
     return None, table.to(device)
 
 
@@ -369,7 +382,7 @@ def main(argv=None, finish=True):
 
     def ref_logps(m):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
         if ref_model is not None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.no_grad(), common.precision(ref_model, use_bf16):
                 return pair_logps(ref_model, m, cfg.loss_impl, common.tp_group(mesh))[0].float()
         return None if ref_table is None else ref_table[m["pair_ids"]]
 
