@@ -176,7 +176,10 @@ def profile_breakdown(step, device):
         while p is not None:
             ranges.append(p.name)
             p = p.cpu_parent
-        items = [(k.name, k.duration) for k in e.kernels] if device.type == "cuda" else [(e.name, e.self_cpu_time_total)]
+        if device.type == "cuda":
+            items = [(k.name, k.duration) for k in e.kernels]
+        else:
+            items = [(e.name, e.self_cpu_time_total)]
         for name, us in items:
             group = group_of([name, e.name, *ranges])
             times[group] += us / 1e3

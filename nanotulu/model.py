@@ -151,6 +151,7 @@ def apply_rope(x, cos, sin):
 # Attention backends for packed rows
 
 
+@functools.cache
 def _has_flash_attn():
     try:
         import flash_attn  # noqa: F401
@@ -210,38 +211,39 @@ def attention_meta(backend, cu_seqlens, B, T, device, max_seqlen=None):
 
         return create_block_mask(document_causal, B, None, T, T, device=device)
     if backend == "varlen":
-        return cu, T if max_seqlen is None else int(max_seqlen)
+        return cu, T if max_seqlen is None else int(max_seqlen), varlen_kernel()
     raise ValueError(f"unknown attention backend {backend!r} (sdpa, flex, varlen, auto)")
 
 
 _flex_compiled = None
 
 
-def _varlen_call(qf, kf, vf, cu, max_len):
-    """Packed (N, nh, hd) q and (N, nkv, hd) k/v -> (N, nh, hd), causal within each cu segment: flash-attn's varlen
-    function if installed, else torch's. Both take GQA directly (fewer k/v heads), so K/V are never repeated."""
+def varlen_kernel():
+    """-> kernel(q (N, nh, hd), k/v (N, nkv, hd), cu, max_len) -> (N, nh, hd), causal within each cu segment:
+    flash-attn's varlen function if installed, else torch's. Both take GQA directly (fewer k/v heads), so K/V are
+    never repeated (but for torch's first varlen API, which had no GQA flag). Chosen in attention_meta, outside the
+    compiled blocks, so the blocks trace one plain call."""
     if _has_flash_attn():
         from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(qf, kf, vf, cu, cu, max_len, max_len, causal=True)
+        def flash(q, k, v, cu, max_len):
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        return flash
     from torch.nn.attention.varlen import varlen_attn
 
-    params = _varlen_params()
-    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # causal, by torch version
-    if kf.shape[1] != qf.shape[1]:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:  # torch 2.9/2.10's first varlen API had no GQA: repeat K/V there only
-            kf, vf = (t.repeat_interleave(qf.shape[1] // kf.shape[1], dim=1) for t in (kf, vf))
-    return varlen_attn(qf, kf, vf, cu, cu, max_len, max_len, **kw)
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # by torch version
+    takes_gqa = "enable_gqa" in params
 
-
-@functools.cache
-def _varlen_params():
-    """Keyword names of torch's varlen_attn (read once, not per layer per forward)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
+    def torch_varlen(q, k, v, cu, max_len):
+        gqa = {}
+        if k.shape[1] != q.shape[1]:
+            if takes_gqa:
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal, **gqa)
+    return torch_varlen
 
 
 def attend(q, k, v, backend, meta):
@@ -256,14 +258,18 @@ def attend(q, k, v, backend, meta):
         global _flex_compiled
         from torch.nn.attention.flex_attention import flex_attention
 
-        if _flex_compiled is None:  # compiled once: eager flex materialises the scores
-            _flex_compiled = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
-        y = _flex_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=meta,
-                           enable_gqa=k.shape[2] != nh)  # (B, nh, T, hd)
+        if torch.compiler.is_compiling():  # inside a compiled block: dynamo lowers flex_attention itself
+            flex = flex_attention
+        else:
+            if _flex_compiled is None:  # compiled once: eager flex materialises the scores
+                _flex_compiled = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+            flex = _flex_compiled
+        y = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=meta,
+                 enable_gqa=k.shape[2] != nh)  # (B, nh, T, hd)
         return y.transpose(1, 2)
-    cu, max_len = meta  # varlen
+    cu, max_len, kernel = meta  # varlen
     qf, kf, vf = (t.reshape(B * T, -1, hd) for t in (q, k, v))
-    return _varlen_call(qf, kf, vf, cu, max_len).reshape(B, T, nh, hd)
+    return kernel(qf, kf, vf, cu, max_len).reshape(B, T, nh, hd)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def build_mesh(world, dp_shard, tp, device, dp_replicate=1):
         raise ValueError("build_mesh needs torch.distributed initialised: start with torchrun")
     if dp_replicate == 1:
         return init_device_mesh(device.type, (dp_shard, tp), mesh_dim_names=("dp", "tp"))
-    mesh = init_device_mesh(device.type, (dp_replicate, dp_shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    mesh = init_device_mesh(device.type, (dp_replicate, dp_shard, tp),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return mesh
 
