@@ -33,9 +33,17 @@ class RunFlags:
     attn_backend: str = dataclasses.field(default="auto", metadata={"help": "auto | sdpa | flex | varlen"})
     loss_impl: str = dataclasses.field(default="auto", metadata={"help": "fused loss: auto (chunked, "
                                                                           "6NHV) | fused | triton | torch"})
-    dp_shard: int = dataclasses.field(default=-1, metadata={"help": "data-parallel shards (-1: world / tp)"})
+    dp_shard: int = dataclasses.field(default=-1, metadata={"help": "data-parallel shards (-1: world / tp / "
+                                                                     "dp_replicate)"})
+    dp_replicate: int = dataclasses.field(default=1, metadata={"help": "HSDP: data-parallel replicas (e.g. nodes), "
+                                                                       "each sharding over dp_shard ranks"})
     tp: int = dataclasses.field(default=1, metadata={"help": "tensor-parallel degree"})
-    compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile each block"})
+    compile: str = dataclasses.field(default="auto", metadata={"help": "torch.compile each block: auto (on CUDA) | "
+                                                                       "true | false"})
+    grad_sync: str = dataclasses.field(default="last", metadata={"help": "FSDP gradient reduction: last (once per "
+                                                                         "step, after the last micro-batch) | every"})
+    fused_adamw: str = dataclasses.field(default="auto", metadata={"help": "fused AdamW kernel: auto (on CUDA) | "
+                                                                           "true | false"})
     activation_checkpointing: bool = False
     exit_after_steps: int = dataclasses.field(default=-1, metadata={"help": "testing: exit abruptly after N "
                                                                             "steps (as a kill would)"})
@@ -269,11 +277,12 @@ def finish_run(cfg, model, is_embedded, tok_dir, rank, finish=True):
 
 
 def make_mesh(cfg, world, device):
-    """The (dp, tp) mesh, or None for one CPU process (plain model, no wrappers). On a GPU FSDP2 is used even for
-    one process: bf16 parameters in compute, fp32 master weights."""
+    """The (dp, tp) mesh (with --dp_replicate > 1: (dp_replicate, dp_shard, tp), HSDP), or None for one CPU process
+    (plain model, no wrappers). On a GPU FSDP2 is used even for one process: bf16 parameters in compute, fp32 master
+    weights."""
     if world > 1 or cfg.tp > 1 or device.type == "cuda":
         from nanotulu import parallel
-        return parallel.build_mesh(world, cfg.dp_shard, cfg.tp, device)
+        return parallel.build_mesh(world, cfg.dp_shard, cfg.tp, device, dp_replicate=cfg.dp_replicate)
     return None
 
 
@@ -285,16 +294,57 @@ def load_model(path, tok, device, cfg):
     return resize_vocab(m, max(tok.vocab_size, m.cfg.vocab_size))
 
 
+def on_cuda_by_default(value, flag, device):
+    """A flag that is auto | true | false (auto: on for CUDA) -> bool; a clear error for anything else."""
+    v = str(value).lower()
+    if v == "auto":
+        return device.type == "cuda"
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"--{flag} {value!r}: expected auto, true or false")
+
+
 def place(model, mesh, cfg, use_bf16, seq_len=None):
-    """Applies tensor parallel / activation checkpointing / compile / FSDP2 from the flags (parallel.py)."""
+    """Applies tensor parallel / activation checkpointing / compile / FSDP2 from the flags (parallel.py), and
+    records the gradient-sync choice that grad_sync_on_last reads."""
+    device = model.output_weight.device
+    compile_blocks = on_cuda_by_default(cfg.compile, "compile", device)
+    if cfg.grad_sync not in ("last", "every"):
+        raise ValueError(f"--grad_sync {cfg.grad_sync!r}: expected last or every")
     if mesh is None:
-        if cfg.compile:
+        if compile_blocks:
             for block in model.model.layers.values():
                 block.compile()  # in place: state-dict names stay HF's (torch.compile(block) adds "_orig_mod.")
         return model
     from nanotulu import parallel
-    return parallel.parallelize(model, mesh, bf16=use_bf16, compile=cfg.compile,
-                                activation_checkpointing=cfg.activation_checkpointing, seq_len=seq_len)
+    model = parallel.parallelize(model, mesh, bf16=use_bf16, compile=compile_blocks,
+                                 activation_checkpointing=cfg.activation_checkpointing, seq_len=seq_len)
+    model.grad_sync_every_micro_batch = cfg.grad_sync == "every"
+    return model
+
+
+def grad_sync_on_last(model, micro):
+    """Yields one step's micro-batches. Under FSDP the gradients are reduce-scattered (and all-reduced over HSDP
+    replicas) only in the last micro-batch's backward; the earlier ones accumulate unsharded gradients locally, at
+    the memory of one unsharded gradient copy. --grad_sync every reduces after each micro-batch instead."""
+    from torch.distributed.fsdp import FSDPModule
+
+    skip = isinstance(model, FSDPModule) and not getattr(model, "grad_sync_every_micro_batch", False)
+    for i, m in enumerate(micro):
+        if skip:
+            model.set_requires_gradient_sync(i == len(micro) - 1)
+        yield m
+
+
+def precision(model, use_bf16):
+    """The one bf16 mechanism of a forward: an FSDP2 model already computes with bf16 parameters (its
+    MixedPrecisionPolicy), so autocast on top would only add casts; a plain model gets autocast."""
+    from torch.distributed.fsdp import FSDPModule
+
+    device = model.output_weight.device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and not isinstance(model, FSDPModule))
 
 
 def dp_coords(mesh, rank, world):
@@ -325,8 +375,10 @@ def clip_grad_norm(model, max_norm):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW with torch's default betas (0.9, 0.999) and eps 1e-8, as Tulu 3 trains; fused kernels on CUDA."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    """AdamW with torch's default betas (0.9, 0.999) and eps 1e-8, as Tulu 3 trains; one fused kernel for all
+    parameters with --fused_adamw (default on CUDA), else torch's for-each implementation."""
+    fused = on_cuda_by_default(cfg.fused_adamw, "fused_adamw", device)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def optimizer_step(model, optimizer, lr, max_grad_norm):

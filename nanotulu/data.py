@@ -564,8 +564,9 @@ class PackedLoader:
 
 
 def stack_rows(rows, device, per_position=()):
-    """Rows from the loader -> one micro-batch: input_ids/targets/position_ids (B, T) and cu_seqlens over the
-    flattened B*T tokens. targets[t] is the label of token t+1 within its document (-100 elsewhere).
+    """Rows from the loader -> one micro-batch: input_ids/targets/position_ids (B, T), cu_seqlens over the
+    flattened B*T tokens, and max_seqlen (int, the longest segment). targets[t] is the label of token t+1 within its
+    document (-100 elsewhere).
     per_position: names of (T,) float row entries (e.g. RLVR's "adv", "old_logp") stacked flat to (B*T,)."""
     import torch
 
@@ -579,7 +580,11 @@ def stack_rows(rows, device, per_position=()):
     }
     for name in per_position:
         batch[name] = torch.stack([r[name] for r in rows]).reshape(-1)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # the longest segment as a python int, read here from the host copy: the varlen kernel needs it and the
+    # model's forward then never reads a device tensor back (no sync, no recompile under torch.compile)
+    batch["max_seqlen"] = max(int((r["cu_seqlens"][1:] - r["cu_seqlens"][:-1]).max()) for r in rows)
+    return batch
 
 
 def stack_pair_rows(rows, device):

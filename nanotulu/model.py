@@ -16,8 +16,10 @@ output weight (`model.output_weight`) into a fused kernel, so the (tokens x voca
 Packed sequences: several documents share a row; `position_ids` restart at 0 for each one and `cu_seqlens` (int32,
 boundaries over the flattened B*T tokens, like flash-attn's varlen) keeps attention inside each document. Backends:
 - "sdpa": scaled_dot_product_attention with a block-diagonal causal mask (the reference; runs everywhere);
-- "flex": FlexAttention with a document mask (GPU);
-- "varlen": flash-attn's varlen function if installed, else torch's own varlen attention (GPU).
+- "flex": FlexAttention with a (B, 1, T, T) block mask from each row's document ids (GPU);
+- "varlen": flash-attn's varlen function if installed, else torch's own varlen attention (GPU); GQA is passed to
+  the kernel, and the longest document (`max_seqlen`) comes from the loader as a python int, so no forward reads
+  a device tensor back.
 "auto" picks varlen or flex on CUDA and sdpa on CPU.
 
 Generation passes a static KV cache (see nanotulu/generate.py): a dict with per-layer "k" and "v" lists of
@@ -25,6 +27,8 @@ Generation passes a static KV cache (see nanotulu/generate.py): a dict with per-
 True where a query may attend to a cache slot.
 """
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -147,6 +151,7 @@ def apply_rope(x, cos, sin):
 # Attention backends for packed rows
 
 
+@functools.cache
 def _has_flash_attn():
     try:
         import flash_attn  # noqa: F401
@@ -155,41 +160,90 @@ def _has_flash_attn():
         return False
 
 
+def _has_torch_varlen():
+    """torch's own varlen attention (torch >= 2.9). A submodule: `hasattr(torch.nn.attention, "varlen")` is False
+    until something imports it, so it is imported here."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def pick_backend(name, device):
+    """"auto": varlen (flash-attn, else torch's) on CUDA when available, else flex on CUDA, sdpa elsewhere."""
+    if name not in ("auto", "sdpa", "flex", "varlen"):
+        raise ValueError(f"unknown attention backend {name!r} (auto, sdpa, flex, varlen)")
     if name != "auto":
         return name
     if device.type != "cuda":
         return "sdpa"
-    has_torch_varlen = hasattr(torch.nn.attention, "varlen")
-    return "varlen" if _has_flash_attn() or has_torch_varlen else "flex"
+    return "varlen" if _has_flash_attn() or _has_torch_varlen() else "flex"
 
 
-def attention_meta(backend, cu_seqlens, B, T, device):
-    """What the chosen backend needs to keep documents apart, computed once per forward and shared by all layers."""
+def document_ids(cu_seqlens, B, T):
+    """cu_seqlens (n_segments + 1,) over the flattened B*T tokens -> (B, T) int32 segment index of each token
+    (no host sync). Segments never cross rows (make_row ends each row's last segment at its capacity)."""
+    cu = cu_seqlens.to(torch.int32)
+    flat = torch.arange(B * T, device=cu.device, dtype=torch.int32)
+    return torch.searchsorted(cu[1:].contiguous(), flat, right=True).view(B, T)
+
+
+def attention_meta(backend, cu_seqlens, B, T, device, max_seqlen=None):
+    """What the chosen backend needs to keep documents apart, computed once per forward and shared by all layers.
+    max_seqlen: the longest document, a python int from the loader (stack_rows); None: T, an upper bound that is
+    always right (documents never cross rows). Nothing here reads a device tensor back to the host."""
     if cu_seqlens is None:
         return None
     cu = cu_seqlens.to(device=device, dtype=torch.int32)
-    # doc (B*T,): which document each flattened token belongs to (no host sync)
-    doc = torch.searchsorted(cu[1:].contiguous(), torch.arange(B * T, device=device, dtype=torch.int32), right=True)
     if backend == "sdpa":
-        d = doc.view(B, T)
+        d = document_ids(cu, B, T)  # (B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         return (d[:, :, None] == d[:, None, :]) & causal  # (B, T, T)
     if backend == "flex":
+        # one (B, 1, T, T) block mask with each row's own document ids: B * (T/128)^2 blocks, not (B*T/128)^2
         from torch.nn.attention.flex_attention import create_block_mask
 
-        def document_causal(b, h, q, kv):
-            return (doc[q] == doc[kv]) & (q >= kv)
+        doc = document_ids(cu, B, T)  # (B, T)
 
-        return create_block_mask(document_causal, None, None, B * T, B * T, device=device)
+        def document_causal(b, h, q, kv):
+            return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+        return create_block_mask(document_causal, B, None, T, T, device=device)
     if backend == "varlen":
-        # max document length: one host read per forward; the loader may pass it instead in a later change
-        max_len = int((cu[1:] - cu[:-1]).max())
-        return cu, max_len
+        return cu, T if max_seqlen is None else int(max_seqlen), varlen_kernel()
     raise ValueError(f"unknown attention backend {backend!r} (sdpa, flex, varlen, auto)")
 
 
 _flex_compiled = None
+
+
+def varlen_kernel():
+    """-> kernel(q (N, nh, hd), k/v (N, nkv, hd), cu, max_len) -> (N, nh, hd), causal within each cu segment:
+    flash-attn's varlen function if installed, else torch's. Both take GQA directly (fewer k/v heads), so K/V are
+    never repeated (but for torch's first varlen API, which had no GQA flag). Chosen in attention_meta, outside the
+    compiled blocks, so the blocks trace one plain call."""
+    if _has_flash_attn():
+        from flash_attn import flash_attn_varlen_func
+
+        def flash(q, k, v, cu, max_len):
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        return flash
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # by torch version
+    takes_gqa = "enable_gqa" in params
+
+    def torch_varlen(q, k, v, cu, max_len):
+        gqa = {}
+        if k.shape[1] != q.shape[1]:
+            if takes_gqa:
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal, **gqa)
+    return torch_varlen
 
 
 def attend(q, k, v, backend, meta):
@@ -204,28 +258,18 @@ def attend(q, k, v, backend, meta):
         global _flex_compiled
         from torch.nn.attention.flex_attention import flex_attention
 
-        if _flex_compiled is None:  # compiled once: eager flex materialises the scores
-            _flex_compiled = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
-        qf, kf, vf = (t.reshape(1, B * T, -1, hd).transpose(1, 2) for t in (q, k, v))
-        y = _flex_compiled(qf, kf, vf, block_mask=meta, enable_gqa=kf.shape[1] != nh)
-        return y.transpose(1, 2).reshape(B, T, nh, hd)
-    cu, max_len = meta  # varlen
+        if torch.compiler.is_compiling():  # inside a compiled block: dynamo lowers flex_attention itself
+            flex = flex_attention
+        else:
+            if _flex_compiled is None:  # compiled once: eager flex materialises the scores
+                _flex_compiled = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+            flex = _flex_compiled
+        y = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=meta,
+                 enable_gqa=k.shape[2] != nh)  # (B, nh, T, hd)
+        return y.transpose(1, 2)
+    cu, max_len, kernel = meta  # varlen
     qf, kf, vf = (t.reshape(B * T, -1, hd) for t in (q, k, v))
-    if _has_flash_attn():
-        from flash_attn import flash_attn_varlen_func
-
-        y = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_len, max_len, causal=True)
-    else:
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
-
-        if kf.shape[1] != nh:  # older torch varlen has no GQA flag
-            kf, vf = (t.repeat_interleave(nh // kf.shape[1], dim=1) for t in (kf, vf))
-        params = inspect.signature(varlen_attn).parameters
-        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        y = varlen_attn(qf, kf, vf, cu, cu, max_len, max_len, **causal)
-    return y.reshape(B, T, nh, hd)
+    return kernel(qf, kf, vf, cu, max_len).reshape(B, T, nh, hd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,6 +284,7 @@ class AttnInputs:
     backend: str  # "sdpa" | "flex" | "varlen" (pick_backend)
     meta: object  # the backend's document-mask data from attention_meta; None: plain causal attention
     cache: dict | None = None  # the static KV cache during generation (see the module docstring)
+    max_seqlen: int | None = None  # longest document (python int, from the loader); None: T
 
 
 class RMSNorm(nn.Module):
@@ -344,17 +389,19 @@ class Llama(nn.Module):
                 p.normal_(0.0, std, generator=gen)
         self.inv_freq.copy_(rope_inv_freq(self.cfg))
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, head=None):
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, head=None, max_seqlen=None):
         """input_ids (B, T) -> final-normed hidden states (B, T, H), or head(hidden, output_weight) when a head
-        (e.g. a fused loss) is given: called inside forward, so FSDP has the output weight gathered for it."""
+        (e.g. a fused loss) is given: called inside forward, so FSDP has the output weight gathered for it.
+        max_seqlen: the longest document of a packed batch as a python int (stack_rows gives it), so the varlen
+        kernel's launch size needs no read of cu_seqlens from the device."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         backend = pick_backend(self.attn_backend, input_ids.device)
-        meta = None if cache is not None else attention_meta(backend, cu_seqlens, B, T, input_ids.device)
-        att = AttnInputs(cos, sin, backend, meta, cache)
+        meta = None if cache is not None else attention_meta(backend, cu_seqlens, B, T, input_ids.device, max_seqlen)
+        att = AttnInputs(cos, sin, backend, meta, cache, max_seqlen)
         for block in self.model.layers.values():
             x = block(x, att)
         h = self.model.norm(x)

@@ -12,7 +12,8 @@ places a model on it, in the torchtitan order:
 2. optional activation checkpointing of each block;
 3. optional per-block torch.compile;
 4. FSDP2 `fully_shard` per block and at the root over the data-parallel dimension, with bf16 parameters and fp32
-   gradient reduction when asked (on GPU).
+   gradient reduction when asked (on GPU); with --dp_replicate > 1, HSDP: sharded inside a replica group (a node),
+   replicated across them.
 
 The model file knows nothing of this: parallelize() wraps the submodules by name (HF names, blocks keyed by index).
 With tp == 1 no TP is applied; with dp == 1 FSDP still wraps the model (one GPU gets bf16 compute with fp32 master
@@ -35,22 +36,41 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-def build_mesh(world, dp_shard, tp, device):
-    """A (dp, tp) DeviceMesh over `world` ranks, dims named "dp" and "tp". dp_shard -1: world // tp. TP groups are
-    consecutive ranks (on one node they share NVLink); dp groups stride over them."""
+def build_mesh(world, dp_shard, tp, device, dp_replicate=1):
+    """A (dp, tp) DeviceMesh over `world` ranks, dims named "dp" and "tp". dp_shard -1: world // (tp x dp_replicate).
+    TP groups are consecutive ranks (on one node they share NVLink); dp groups stride over them.
+    dp_replicate > 1 (HSDP): a (dp_replicate, dp_shard, tp) mesh; FSDP shards over dp_shard (inside a node) and
+    replicates over dp_replicate (across nodes: one all-reduce of the sharded gradients instead of reduce-scatters
+    over the slow links), and "dp" is the flattened (dp_replicate, dp_shard) dim the loader and the loss reductions
+    use, so a (2, 2) HSDP run sees the data of a 4-way data-parallel run."""
     device = torch.device(device)
-    if tp < 1:
-        raise ValueError(f"--tp {tp}: must be >= 1")
+    if tp < 1 or dp_replicate < 1:
+        raise ValueError(f"--tp {tp} and --dp_replicate {dp_replicate}: must be >= 1")
     if dp_shard == -1:
-        if world % tp:
-            raise ValueError(f"--tp {tp} does not divide the world size {world} (processes started by torchrun)")
-        dp_shard = world // tp
-    if dp_shard < 1 or dp_shard * tp != world:
-        raise ValueError(f"--dp_shard {dp_shard} x --tp {tp} = {dp_shard * tp}, but {world} processes were started: "
-                         f"the world size must equal dp_shard x tp (torchrun --nproc_per_node {dp_shard * tp})")
+        if world % (tp * dp_replicate):
+            raise ValueError(f"--tp {tp} x --dp_replicate {dp_replicate} does not divide the world size {world} "
+                             "(processes started by torchrun)")
+        dp_shard = world // (tp * dp_replicate)
+    if dp_shard < 1 or dp_replicate * dp_shard * tp != world:
+        what = f"--dp_replicate {dp_replicate} x " if dp_replicate > 1 else ""
+        raise ValueError(f"{what}--dp_shard {dp_shard} x --tp {tp} = {dp_replicate * dp_shard * tp}, but {world} "
+                         f"processes were started: the world size must equal "
+                         f"{'dp_replicate x ' if dp_replicate > 1 else ''}dp_shard x tp "
+                         f"(torchrun --nproc_per_node {dp_replicate * dp_shard * tp})")
     if not dist.is_initialized():
         raise ValueError("build_mesh needs torch.distributed initialised: start with torchrun")
-    return init_device_mesh(device.type, (dp_shard, tp), mesh_dim_names=("dp", "tp"))
+    if dp_replicate == 1:
+        return init_device_mesh(device.type, (dp_shard, tp), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh(device.type, (dp_replicate, dp_shard, tp),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
+
+
+def fsdp_mesh(mesh):
+    """The mesh FSDP shards over: "dp" (1-D, plain FSDP), or ("dp_replicate", "dp_shard") (2-D, HSDP)."""
+    names = mesh.mesh_dim_names
+    return mesh["dp_replicate", "dp_shard"] if "dp_replicate" in names else mesh["dp"]
 
 
 def check_tp_shapes(cfg, tp, seq_len=None):
@@ -121,7 +141,8 @@ def apply_compile(model):
 
 def apply_fsdp(model, dp_mesh, bf16):
     """FSDP2 over the data-parallel dim: each block is one all-gather / reduce-scatter unit, the root holds the rest
-    (embedding, final norm, lm_head; a tied output weight is the embedding, so they stay in one unit)."""
+    (embedding, final norm, lm_head; a tied output weight is the embedding, so they stay in one unit). A 2-D
+    dp_mesh (replicate, shard) is HSDP."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     n = len(model.model.layers)
@@ -142,5 +163,5 @@ def parallelize(model, mesh, bf16=False, compile=False, activation_checkpointing
         apply_ac(model)
     if compile:
         apply_compile(model)
-    apply_fsdp(model, mesh["dp"], bf16)
+    apply_fsdp(model, fsdp_mesh(mesh), bf16)
     return model

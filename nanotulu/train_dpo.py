@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanotulu import checkpoint, common, data, embedded, losses
@@ -173,7 +174,8 @@ def pair_logps(model, batch, impl, tp_group=None, pair_loss=None):
     idx = batch["doc_segments"]  # (P, 2) segment index of each pair's chosen and rejected document
     if pair_loss is None or impl not in ("auto", "fused"):
         head = losses.loss_head("logprobs", batch["targets"], impl, tp_group)
-        logps = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)  # (B*T,)
+        logps = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head,
+                      max_seqlen=batch.get("max_seqlen"))  # (B*T,)
         sums = segment_sums(logps, batch["cu_seqlens"], n_seg)[idx]
         if pair_loss is None:
             return sums, counts[idx]
@@ -190,7 +192,8 @@ def pair_logps(model, batch, impl, tp_group=None, pair_loss=None):
 
     head = losses.loss_head("fused", batch["targets"], impl, tp_group, loss_fn=loss_fn,
                             cuts=starts + batch["row_starts"])
-    loss, logps, _ = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)
+    loss, logps, _ = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head,
+                           max_seqlen=batch.get("max_seqlen"))
     return segment_sums(logps, batch["cu_seqlens"], n_seg)[idx], counts[idx], loss
 
 
@@ -252,7 +255,7 @@ def compute_ref_logps(model, pairs, capacity, pad_id, device, impl, rank, world,
             row["example_ids"] = list(b)
             rows.append(row)
         batch = data.stack_pair_rows(rows, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with common.precision(model, use_bf16):
             lp, n = pair_logps(model, batch, impl, tp_group)
         if mine[i:i + rows_per_pass]:
             table[batch["pair_ids"]] = lp.float()
@@ -264,25 +267,36 @@ def compute_ref_logps(model, pairs, capacity, pad_id, device, impl, rank, world,
     return table, counts
 
 
-def load_or_compute_ref(cfg, key, hashes, compute, rank):
-    """The cached table for `key`, else compute() and cache it (written to a temporary name, then renamed)."""
+def load_or_compute_ref(cfg, key, hashes, compute, rank, device=None):
+    """The cached table for `key`, else compute() and cache it. Correct without a shared file system: every rank
+    reads its own cache_dir, the ranks agree on hit or miss (one all-reduce) before compute()'s collectives, all of
+    them compute when any one misses, and every rank writes its own copy (temporary name, then renamed: ranks
+    sharing a directory replace the file with the same content)."""
     cache_dir = os.path.expanduser(cfg.ref_cache_dir)
     path = os.path.join(cache_dir, f"ref_logps_{key}.pt")
+    cached, bad = None, False
     if os.path.isfile(path):
         cached = torch.load(path, weights_only=True)
-        if cached["key"] != key or not torch.equal(cached["pair_hashes"], hashes):
-            raise ValueError(f"{path}: reference cache does not match this data (pairs shifted or changed); "
-                             "delete it to recompute")
+        bad = cached["key"] != key or not torch.equal(cached["pair_hashes"], hashes)
+    # [ranks missing the file, ranks holding a file of other data], summed over every rank
+    votes = torch.tensor([float(cached is None), float(bad)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(votes)
+    if votes[1] > 0:
+        where = path if bad else f"the cache of another rank ({int(votes[1])} ranks)"
+        raise ValueError(f"{where}: reference cache does not match this data (pairs shifted or changed); delete it "
+                         "to recompute")
+    if votes[0] == 0:
         if rank == 0:
             print(f"reference log-probs: cache hit {path}")
         return cached["logps"], path, True
     logps, _ = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{rank}-{os.getpid()}"
+    torch.save({"key": key, "pair_hashes": hashes, "logps": logps.cpu()}, tmp)
+    os.replace(tmp, path)
     if rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}"
-        torch.save({"key": key, "pair_hashes": hashes, "logps": logps.cpu()}, tmp)
-        os.replace(tmp, path)
-        print(f"reference log-probs: computed and cached in {path}")
+        print(f"reference log-probs: computed ({int(votes[0])} ranks had no cache) and cached in {path}")
     return logps.cpu(), path, False
 
 
@@ -302,14 +316,14 @@ def dpo_backward(model, micro, ref_logps, loss_kwargs, impl="auto", mesh=None, u
     n_pairs = common.all_reduce_sum(torch.tensor(float(sum(m["pair_ids"].numel() for m in micro)), device=device),
                                     common.dp_group(mesh))
     sums = torch.zeros(7, device=device)
-    for m in micro:
+    for m in common.grad_sync_on_last(model, micro):
         ref = ref_logps(m)
 
         def pair_loss(pi, counts, p0, p1):  # summed loss of pairs [p0, p1)
             r = torch.zeros_like(pi) if ref is None else ref[p0:p1]
             return dpo_loss(pi[:, 0], pi[:, 1], r[:, 0], r[:, 1], counts[:, 0], counts[:, 1], **loss_kwargs)[0].sum()
 
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with common.precision(model, use_bf16):
             pi, counts, loss = pair_logps(model, m, impl, common.tp_group(mesh), pair_loss)  # (P, 2), (P, 2), ()
         # x dp_world: data-parallel gradient reduction averages over ranks, the batch mean wants their sum
         (loss * dp_world / n_pairs).backward()
@@ -371,7 +385,7 @@ def reference(cfg, ref_dir, pairs, template, tok, load_placed, mesh, device, use
                                  dp_world, cfg.micro_batch_rows, common.tp_group(mesh), common.dp_group(mesh),
                                  use_bf16)
 
-    table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank)
+    table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank, device)
     return None, table.to(device)
 
 
@@ -395,7 +409,7 @@ def main(argv=None, finish=True):
 
     def ref_logps(m):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
         if ref_model is not None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.no_grad(), common.precision(ref_model, use_bf16):
                 return pair_logps(ref_model, m, cfg.loss_impl, common.tp_group(mesh))[0].float()
         return None if ref_table is None else ref_table[m["pair_ids"]]
 

@@ -126,7 +126,8 @@ def token_logps(model, batch, temperature, impl, tp_group=None, entropy=False, l
     def head(hidden, weight):  # logits / T == (hidden / T) @ W^T
         return base(hidden / temperature, weight)
 
-    out = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)
+    out = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head,
+                max_seqlen=batch.get("max_seqlen"))
     return out if (want_entropy or loss_fn is not None) else (out, None)
 
 
@@ -164,7 +165,7 @@ def grpo_backward(model, micro, cfg, impl="auto", mesh=None, use_bf16=False):
     n_tokens = common.all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), common.dp_group(mesh))
     sums = torch.zeros(5, device=device)
     fused = impl in ("auto", "fused")  # the gradient formed in the forward pass, chunk by chunk (6NHV)
-    for m in micro:
+    for m in common.grad_sync_on_last(model, micro):
         mask = (m["targets"].reshape(-1) != -100).float()
         ref = m["ref_logp"] if cfg.beta > 0 else None
 
@@ -172,7 +173,7 @@ def grpo_backward(model, micro, cfg, impl="auto", mesh=None, use_bf16=False):
             return grpo_token_loss(lp, m["old_logp"][s:e], None if ref is None else ref[s:e], m["adv"][s:e],
                                    cfg.clip_eps, cfg.beta, cfg.kl_estimator)
 
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with common.precision(model, use_bf16):
             if fused:
                 loss, logp, ent = token_logps(model, m, cfg.temperature, impl, common.tp_group(mesh), entropy=True,
                                               loss_fn=lambda lp, en, s, e: (token_loss(lp, s, e)[0] * mask[s:e]).sum())
@@ -192,7 +193,7 @@ def fill_logps(model, rows, name, cfg, device, use_bf16, tp_group):
     model.eval()
     for i in range(0, len(rows), cfg.micro_batch_rows):
         chunk = rows[i:i + cfg.micro_batch_rows]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with common.precision(model, use_bf16):
             lp, _ = token_logps(model, data.stack_rows(chunk, device), cfg.temperature, cfg.loss_impl, tp_group)
         for r, v in zip(chunk, lp.float().cpu().view(len(chunk), -1)):
             r[name] = v

@@ -55,10 +55,11 @@ def sft_backward(model, micro, impl="auto", mesh=None, use_bf16=False):
     device = micro[0]["input_ids"].device
     n_tokens = common.all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), common.dp_group(mesh))
     loss_sum = torch.zeros((), device=device)
-    for m in micro:
+    for m in common.grad_sync_on_last(model, micro):
         head = losses.loss_head("cross_entropy_sum", m["targets"], impl, common.tp_group(mesh))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            token_loss = model(m["input_ids"], m["position_ids"], m["cu_seqlens"], head=head)
+        with common.precision(model, use_bf16):
+            token_loss = model(m["input_ids"], m["position_ids"], m["cu_seqlens"], head=head,
+                               max_seqlen=m.get("max_seqlen"))
         # x dp_world: data-parallel gradient reduction averages over ranks, the "sum" loss wants their sum
         (token_loss * dp_world / n_tokens.clamp(min=1)).backward()
         loss_sum += token_loss.detach()

@@ -111,7 +111,8 @@ def backends_here():
     out = ["sdpa"]
     if torch.cuda.is_available():
         out.append("flex")
-        if hasattr(torch.nn.attention, "varlen"):
+        from nanotulu.model import _has_flash_attn, _has_torch_varlen
+        if _has_flash_attn() or _has_torch_varlen():
             out.append("varlen")
     return out
 

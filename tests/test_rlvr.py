@@ -141,9 +141,11 @@ def tiny_run_args(tmp_path):
         for i in range(12):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"}],
                                 "ground_truth": str(i + 1), "dataset": "gsm8k"}) + "\n")
-            # random bytes pass "no capital letters" about half the time: rewards that differ within a group
-            gt = {"instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say {i} in lowercase."}],
+            # 8 random bytes hold at least two runs of word characters (IFEval's word count) about half the time:
+            # rewards that differ within a group (lowercase no longer does: IFEval also asks langdetect for English)
+            gt = {"instruction_id_list": ["length_constraints:number_words"],
+                  "kwargs": [{"num_words": 2, "relation": "at least"}]}
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say {i} in two words."}],
                                 "ground_truth": json.dumps(gt), "dataset": "ifeval"}) + "\n")
     return ["--model", str(model_dir), "--tokenizer", "byte", "--data", str(rows), "--num_samples", "2",
             "--prompts_per_step", "2", "--max_prompt_len", "48", "--max_new_tokens", "8", "--lr", "1e-3",
