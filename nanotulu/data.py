@@ -23,13 +23,24 @@ import numpy as np
 from nanotulu.packing import IGNORE_INDEX, make_row, pack, padding_waste, shift_labels  # noqa: F401 (re-exported)
 
 
+def optional_import(module, extra, what):
+    """`module` (an optional dependency), or an ImportError that names the pip extra providing it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{what} needs {module.split('.')[0]}, an optional dependency: "
+                          f"pip install 'nanotulu[{extra}]'") from None
+
+
 def read_rows(path):
     """Reads a JSONL or Parquet file -> list of (line_number, row dict). Line numbers are 1-based (Parquet: row
     index + 1). Raises ValueError naming the file and line for unreadable input."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # optional dependency, only for Parquet input
+        pq = optional_import("pyarrow.parquet", "data", f"{path}: reading Parquet")
 
         try:
             table = pq.read_table(path)

@@ -455,6 +455,11 @@ class Llama(nn.Module):
                 total = sum(t.numel() * t.element_size() for t in sd.values())
                 with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            umask = os.umask(0o022)
+            os.umask(umask)
+            for name in os.listdir(tmp):  # safetensors writes 0600, mkdtemp makes 0700: the umask's modes instead
+                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+            os.chmod(tmp, 0o777 & ~umask)
             replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

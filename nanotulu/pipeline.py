@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from nanotulu import common, data, rewards, train_dpo, train_rlvr, train_sft
+from nanotulu import common, data, embedded, rewards, train_dpo, train_rlvr, train_sft
 from nanotulu.model import Llama, build_model
 
 
@@ -54,8 +54,7 @@ def curve(ax, rows, key, label, color):
 
 
 def plot(out_dir, table):
-    import matplotlib
-
+    matplotlib = data.optional_import("matplotlib", "plot", "the pipeline's curves.png")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -84,9 +83,11 @@ def plot(out_dir, table):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="runs/pipeline")
-    p.add_argument("--fresh", action="store_true", help="ignore finished stages in output_dir and rerun them")
+    p = argparse.ArgumentParser(prog="python -m nanotulu.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="runs/pipeline", help="stage outputs and the summary (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished stages in output_dir and rerun them "
+                   "(default: off: a stage whose final/ exists is reused)")
     args = p.parse_args(argv)
     out = args.output_dir
     t0 = time.perf_counter()
@@ -138,8 +139,8 @@ def main(argv=None):
         f.write(summary)
     try:
         png = plot(out, table)
-    except ImportError:
-        png = "not drawn: matplotlib is not installed (pip install -e '.[plot]')"
+    except ImportError as e:
+        png = f"not drawn: {e}"
     print("\n" + summary + f"curves: {png}")
     common.finish_distributed()
     return table

@@ -352,11 +352,13 @@ def reference(cfg, ref_dir, pairs, template, tok, load_placed, mesh, device, use
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
     check_flags(cfg)
-    model_dir = embedded_sft_model(rank) if is_embedded else cfg.model
-    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else model_dir))
+    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = "tulu" if cfg.template == "tulu" else tok.chat_template
     pairs = load_data(cfg, is_embedded, tok, template, rank)
     capacity = 2 * cfg.max_seq_len  # a row holds at least one whole pair
+    # before the embedded SFT and the reference pass: the pairs must fill one optimizer step
+    common.check_one_step([pair_length(p) for p in pairs], capacity, cfg, world, what="pairs")
+    model_dir = embedded_sft_model(rank) if is_embedded else cfg.model
     mesh = common.make_mesh(cfg, world, device)
 
     def load_placed(path):
@@ -375,9 +377,6 @@ def main(argv=None, finish=True):
 
     # --- packed loader of pairs, optimizer, resume ------------------------------------------------------------------
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
-    if cfg.batch_rows % (dp_world * cfg.micro_batch_rows):
-        raise ValueError(f"--batch_rows {cfg.batch_rows} must be a multiple of data-parallel ranks ({dp_world}) x "
-                         f"--micro_batch_rows ({cfg.micro_batch_rows})")
     loader = data.PackedLoader(pairs, capacity=capacity, rows_per_step=cfg.batch_rows // dp_world, rank=dp_rank,
                                world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id, length_fn=pair_length,
                                to_docs=pair_docs)
