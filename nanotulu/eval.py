@@ -2,7 +2,7 @@
 
     python -m nanotulu.eval --model DIR --data gsm8k.jsonl math.jsonl [--out results.json] [--max_new_tokens 512]
 
-Rows are RLVR rows (RECIPE.md): `messages` (a final assistant turn is the reference answer and is dropped from the
+Rows are RLVR rows (docs/RECIPE.md): `messages` (a final assistant turn is the reference answer and is dropped from the
 prompt), `ground_truth`, and `dataset`, which names the verifier of nanotulu.rewards (gsm8k, math, ifeval,
 string_match, or a list of them); without nanotulu.rewards, answers are scored by exact match of stripped strings.
 Prompts are rendered with the chat template (the tokenizer's own, else "tulu"), generated greedily by default with

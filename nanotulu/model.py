@@ -62,7 +62,7 @@ class LlamaConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
 
-# Published shapes (RECIPE.md), for benchmarks with random weights.
+# Published shapes (docs/RECIPE.md), for benchmarks with random weights.
 LLAMA_3_2_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                            num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
                            rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,

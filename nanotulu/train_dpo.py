@@ -64,7 +64,7 @@ EMBEDDED_SFT_DIR = "runs/sft"
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, len_chosen, len_rejected, *, loss_type, beta,
              gamma_beta_ratio=0.3, label_smoothing=0.0):
-    """Per-pair preference losses (RECIPE.md). Inputs (P,): answer log-likelihoods summed over tokens, and the
+    """Per-pair preference losses (docs/RECIPE.md). Inputs (P,): answer log-likelihoods summed over tokens, and the
     answer token counts. Returns (losses (P,), rewards_chosen (P,), rewards_rejected (P,)); the rewards are
     beta x the policy-minus-reference log-likelihood in the loss's own normalisation (simpo: no reference)."""
     if loss_type in ("dpo_norm", "ipo"):  # every L per token

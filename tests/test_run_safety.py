@@ -39,7 +39,8 @@ def write_jsonl(path, rows):
 
 def chat(i):
     a, b = i % 7, i % 5
-    return [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]
+    return [{"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]
 
 
 # ---- 1. checks before the model loads ------------------------------------------------------------------------------
@@ -83,7 +84,8 @@ def test_missing_inputs_and_unwritable_outputs_fail_at_once(tmp_path):
         train_sft.main(["--model", str(tmp_path), "--data", path])
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="--output_dir .*afile: is a file"):
-        train_sft.main(["--model", model, "--tokenizer", "byte", "--data", path, "--output_dir", str(tmp_path / "afile")])
+        train_sft.main(["--model", model, "--tokenizer", "byte", "--data", path, "--output_dir",
+                        str(tmp_path / "afile")])
     with pytest.raises(ValueError, match="afile is a file, so no folder"):
         train_sft.main(["--model", model, "--tokenizer", "byte", "--data", path, "--output_dir",
                         str(tmp_path / "afile" / "run")])
@@ -175,9 +177,9 @@ def test_truncate_jsonl_keeps_rows_up_to_the_step(tmp_path):
 def test_a_second_run_in_a_locked_directory_fails_and_a_dead_holder_leaves_no_lock(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, sys, time\nf = open({str(out / '.lock')!r}, 'a+')\n"
-                               "fcntl.flock(f, fcntl.LOCK_EX)\nf.write('pid 1234 on elsewhere'); f.flush()\n"
-                               "print('locked', flush=True)\ntime.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    script = (f"import fcntl, time\nf = open({str(out / '.lock')!r}, 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+              "f.write('pid 1234 on elsewhere'); f.flush()\nprint('locked', flush=True)\ntime.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         cfg = train_sft.SFTConfig(output_dir=str(out))
