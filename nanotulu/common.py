@@ -49,10 +49,15 @@ class RunFlags:
                                                                             "steps (as a kill would)"})
 
 
-def parse_flags(cls, argv=None):
+def parse_flags(cls, argv=None, preset=None):
     """Command-line flags from a dataclass's fields (name -> --name, default -> default, the field's comment in
-    metadata["help"]). Returns (config, set of the flags the user gave explicitly)."""
-    parser = argparse.ArgumentParser(description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    metadata["help"]). Every flag's help line shows its default; `preset` (the embedded default's overrides) is
+    listed after the flags. Returns (config, set of the flags the user gave explicitly)."""
+    epilog = None
+    if preset:
+        epilog = "with no --model (the embedded default), these replace the defaults above unless given: " + \
+                 ", ".join(f"{k}={v}" for k, v in preset.items())
+    parser = argparse.ArgumentParser(description=cls.__doc__, epilog=epilog)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -64,7 +69,9 @@ def parse_flags(cls, argv=None):
             conv = kind
         else:
             raise TypeError(f"flag --{f.name}: unsupported type {kind}")
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default, help=f.metadata.get("help", " "))
+        # the default spelled out here: argparse's ArgumentDefaultsHelpFormatter skips flags without help text
+        text = f.metadata.get("help", "").replace("%", "%%")
+        parser.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: %(default)r)".lstrip())
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
@@ -84,20 +91,224 @@ def apply_preset(cfg, preset, given):
     return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
 
 
+# CPU threads of the embedded runs: float sums split over threads round differently (one embedded SFT step's
+# gradients differ by ~6e-8 between 1, 2, 3 and 4 threads), and hundreds of steps grow that into other models and
+# accuracies; one fixed count gives the same embedded results on any machine of one CPU kind, whatever its cores.
+EMBEDDED_THREADS = 2
+
+
+def resolve_flags(cls, preset, argv):
+    """The run's flags: the command line over the defaults, and with no --model the embedded preset over the
+    defaults the command line leaves alone."""
+    cfg, given = parse_flags(cls, argv, preset)
+    return apply_preset(cfg, preset, given) if not cfg.model else cfg
+
+
+def config_diff(saved, now):
+    """Names of the flags that differ between two run configurations (dicts), outside RESUMABLE_CHANGES; compared
+    as JSON text: nan equals nan, and numbers as the file stores them."""
+    return [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES
+            and json.dumps(saved.get(k)) != json.dumps(now.get(k))]
+
+
 def start(cls, preset, argv, data_kind):
-    """Every trainer's first lines: flags (the embedded preset when no --model), torch.distributed, seed.
+    """Every trainer's first lines: flags (the embedded preset when no --model), input paths and --output_dir
+    checked, torch.distributed, the run directory claimed (lock, saved flags: open_run_dir), seed.
     Returns (cfg, embedded, rank, world, device, use_bf16)."""
-    cfg, given = parse_flags(cls, argv)
+    cfg = resolve_flags(cls, preset, argv)
     embedded = not cfg.model
-    if embedded:
-        cfg = apply_preset(cfg, preset, given)
-    elif not cfg.data:
+    if embedded and torch.get_num_threads() != EMBEDDED_THREADS and not torch.cuda.is_available():
+        torch.set_num_threads(EMBEDDED_THREADS)  # the embedded results depend on it (see EMBEDDED_THREADS)
+    if not embedded and not cfg.data:
         raise ValueError(f"--data is required with --model ({data_kind} files; the shipped toy data is for the "
                          "embedded default only)")
+    check_input_paths(cfg)
+    check_output_path(cfg.output_dir, "--output_dir", folder=True)
     rank, world, device = init_distributed()
+    open_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     return cfg, embedded, rank, world, device, use_bf16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks that run before any model loads: paths, and whether the data fills one optimizer step
+
+
+def check_input_paths(cfg):
+    """Every file and folder the flags name exists: --model / --ref_model (config.json), --tokenizer, each file of
+    the --data and --eval_data mixes."""
+    from nanotulu.data import parse_mix
+
+    for flag in ("model", "ref_model"):
+        path = getattr(cfg, flag, "")
+        if path and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"--{flag} {path}: not a Hugging Face model directory (no config.json)")
+    if getattr(cfg, "tokenizer", "") not in ("", "byte") and not os.path.exists(cfg.tokenizer):
+        raise ValueError(f"--tokenizer {cfg.tokenizer}: no such directory (or 'byte' for the byte tokenizer)")
+    for flag in ("data", "eval_data"):
+        for path, _ in parse_mix(getattr(cfg, flag, "")) if getattr(cfg, flag, "") else []:
+            if not os.path.isfile(path):
+                raise ValueError(f"--{flag} {getattr(cfg, flag)}: {path}: no such file")
+
+
+def check_output_path(path, flag, folder):
+    """Refuses at once an output that could not be written after hours of work: a file where a folder is wanted
+    (or the reverse), a missing parent folder of an output file, or a folder this user cannot write into (for an
+    output folder, the nearest existing one: the missing ones are created)."""
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(p) and folder != os.path.isdir(p):
+        want, got = ("folder", "file") if folder else ("file", "folder")
+        raise ValueError(f"{flag} {path}: is a {got}; give a {want} name")
+    if folder:
+        target = p
+        while not os.path.exists(target):
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            raise ValueError(f"{flag} {path}: {target} is a file, so no folder can be made under it")
+    else:
+        target = os.path.dirname(p)
+        if not os.path.isdir(target):
+            raise ValueError(f"{flag} {path}: the folder {target} does not exist")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {target} is not writable")
+
+
+def planned_dp_world(cfg, world):
+    """Data-parallel ranks of the mesh make_mesh will build (parallel.build_mesh checks the flags against the world
+    size)."""
+    return cfg.dp_shard if cfg.dp_shard > 0 else max(1, world // cfg.tp)
+
+
+def check_one_step(lengths, capacity, cfg, world, what="examples", len_flag="--max_seq_len"):
+    """Before the model loads: --batch_rows splits evenly over the data-parallel ranks and micro-batches, and the
+    data packs into at least one optimizer step. lengths: tokens each item takes in a row. The count is the
+    loader's own (best-fit decreasing: the row count depends only on the lengths), so the advice is exact."""
+    from nanotulu.packing import pack
+
+    dp = planned_dp_world(cfg, world)
+    if cfg.batch_rows % (dp * cfg.micro_batch_rows):
+        raise ValueError(f"--batch_rows {cfg.batch_rows} must be a multiple of data-parallel ranks ({dp}) x "
+                         f"--micro_batch_rows ({cfg.micro_batch_rows})")
+    n_rows = len(pack(lengths, capacity)) if lengths else 0
+    if n_rows < cfg.batch_rows:
+        unit = dp * cfg.micro_batch_rows
+        fits = n_rows // unit * unit
+        lower = f"--batch_rows (to {fits} at most)" if fits else "--batch_rows"
+        raise ValueError(f"{len(lengths)} {what} pack into {n_rows} rows of {capacity} tokens: fewer than one step "
+                         f"of {cfg.batch_rows // dp} rows x {dp} ranks (--batch_rows {cfg.batch_rows}): lower {lower} "
+                         f"or {len_flag} (shorter rows: more of them), or add data")
+    return n_rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory: one run at a time, resumed only with the flags it started with
+
+
+# Flags a resumed run may change: when to stop and save, and how (not what) it computes. Any other difference
+# (--lr, --model, --data, --max_steps: the lr schedule depends on it, ...) is another run.
+RESUMABLE_CHANGES = ("resume", "exit_after_steps", "save_every", "eval_every", "verify_workers", "compile",
+                     "activation_checkpointing")
+
+_RUN_LOCKS = {}  # absolute output_dir -> its open, locked .lock file (held until release_run_dir or exit)
+
+
+def open_run_dir(cfg, rank):
+    """Rank 0 takes output_dir/.lock for the life of the process (fcntl.flock: the OS drops it when the process
+    dies, so a crashed or killed run never leaves it stuck; a second run there fails at once), then checks
+    output_dir/run_config.json: when an earlier run left checkpoints/ or final/ and --resume is on, every flag
+    outside RESUMABLE_CHANGES must be the same, or the run refuses to start, naming the flags. --resume false
+    starts over: the earlier checkpoints/, final/ and metrics are removed. Then the resolved flags are saved.
+    Every rank raises rank 0's error."""
+    error = None
+    if rank == 0:
+        try:
+            _lock_run_dir(cfg.output_dir)
+            _check_and_save_config(cfg)
+        except ValueError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ValueError(error)
+
+
+def _lock_run_dir(out):
+    import fcntl
+    import socket
+
+    key = os.path.abspath(out)
+    if key in _RUN_LOCKS:  # this process holds it already (a stage run again in one process)
+        return
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        raise ValueError(f"--output_dir {out}: another run is using it ({holder}): wait for it or stop it, or choose "
+                         "another --output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _RUN_LOCKS[key] = f
+
+
+def release_run_dir(out):
+    f = _RUN_LOCKS.pop(os.path.abspath(out), None)
+    if f is not None:
+        f.close()  # closing the file drops the flock
+
+
+def _check_and_save_config(cfg):
+    import shutil
+
+    path = os.path.join(cfg.output_dir, "run_config.json")
+    now = dataclasses.asdict(cfg)
+    earlier = [d for d in ("checkpoints", "final") if os.path.isdir(os.path.join(cfg.output_dir, d))]
+    if cfg.resume and earlier and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        diff = config_diff(saved, now)
+        if diff:
+            raise ValueError(f"{cfg.output_dir} holds a run with other flags (its {'/'.join(earlier)}; {path}): "
+                             + "; ".join(f"--{k} {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff)
+                             + ". Rerun with its flags to resume it, or --resume false to start over in this directory "
+                             "(removes its checkpoints, final/ and metrics), or choose a new --output_dir")
+    if not cfg.resume:
+        for name in ("checkpoints", "final"):
+            shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            if os.path.isfile(os.path.join(cfg.output_dir, name)):
+                os.remove(os.path.join(cfg.output_dir, name))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(now, f, indent=2)
+    os.replace(tmp, path)
+
+
+def truncate_jsonl(path, last_step):
+    """Keeps the rows of a per-step JSONL file with step <= last_step (a resumed run replays the later steps and
+    writes their rows again); a half-written last line of a killed run goes too."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +398,7 @@ class Metrics:
         self.bar = None
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            truncate_jsonl(path, start_step)  # rows of the steps after the checkpoint are replayed: replaced
             self.file = open(path, "a")
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
                             disable=os.environ.get("NANOTULU_NO_BAR") == "1")
@@ -267,6 +479,7 @@ def finish_run(cfg, model, is_embedded, tok_dir, rank, finish=True):
     checkpoint.save_hf(model, out, tok_dir=None if is_embedded else tok_dir, rank=rank)
     if rank == 0:
         print(f"saved {out}")
+        release_run_dir(cfg.output_dir)
     if finish:
         finish_distributed()
     return out

@@ -23,13 +23,24 @@ import numpy as np
 from nanotulu.packing import IGNORE_INDEX, make_row, pack, padding_waste, shift_labels  # noqa: F401 (re-exported)
 
 
+def optional_import(module, extra, what):
+    """`module` (an optional dependency), or an ImportError that names the pip extra providing it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{what} needs {module.split('.')[0]}, an optional dependency: "
+                          f"pip install 'nanotulu[{extra}]'") from None
+
+
 def read_rows(path):
     """Reads a JSONL or Parquet file -> list of (line_number, row dict). Line numbers are 1-based (Parquet: row
     index + 1). Raises ValueError naming the file and line for unreadable input."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # optional dependency, only for Parquet input
+        pq = optional_import("pyarrow.parquet", "data", f"{path}: reading Parquet")
 
         try:
             table = pq.read_table(path)
@@ -55,7 +66,7 @@ def read_rows(path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data mixing: a list of (source, amount). RECIPE: an amount with a '.' is a fraction of the source, an integer a
+# Data mixing: a list of (source, amount). docs/RECIPE.md: an amount with a '.' is a fraction of the source, an int a
 # row count; an amount above the source size repeats rows.
 
 
@@ -208,7 +219,7 @@ class HFTokenizer:
         self.bos_token, self.bos_token_id = token_id("bos_token", required=False)
         self.pad_token, self.pad_token_id = token_id("pad_token", required=False)
         if self.pad_token_id is None or self.pad_token_id == self.eos_token_id:
-            # RECIPE: Llama 3 has no pad token; add <pad> (pad must differ from EOS).
+            # docs/RECIPE.md: Llama 3 has no pad token; add <pad> (pad must differ from EOS).
             self.pad_token = "<pad>"
             if self._tok.token_to_id("<pad>") is None:
                 self._tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
@@ -272,7 +283,7 @@ def validate_messages(messages, field="messages"):
 
 
 def render_tulu(messages, eos_token, add_generation_prompt=False):
-    """The built-in "tulu" template, exactly as RECIPE.md gives it."""
+    """The built-in "tulu" template, exactly as docs/RECIPE.md gives it."""
     parts = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
@@ -333,7 +344,7 @@ def resolve_template(template, tok):
 
 def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
     """messages -> {"input_ids": list[int], "labels": list[int]}, labels = input_ids with -100 on every token that
-    is not part of an assistant answer (RECIPE: for each non-assistant message i, the span from
+    is not part of an assistant answer (docs/RECIPE.md: for each non-assistant message i, the span from
     len(tokens(render(msgs[:i]))) to len(tokens(render(msgs[:i+1], add_generation_prompt=next is assistant))) is
     masked: headers, system and user turns are masked; answer text + EOS (+ the '\\n' after a non-final answer)
     is trained; with "tulu" the prefix render msgs[:i] is taken as it appears inside the conversation, i.e. with
@@ -348,7 +359,7 @@ def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
         text = render_chat(msgs, template, tok.eos_token, gen_prompt, tok.bos_token)
         if template == "tulu" and not gen_prompt and msgs[-1]["role"] == "assistant":
             # Within the whole conversation this answer is not the last message, so the template follows its EOS
-            # with "\n": count it as part of the answer (RECIPE: trained), not of the next message's span.
+            # with "\n": count it as part of the answer (docs/RECIPE.md: trained), not of the next message's span.
             text += "\n"
         return len(tok.encode(prefix + text))
 

@@ -121,7 +121,7 @@ def pick_eval_field(rows, path, eval_field=None):
             return field
     raise ValueError(
         f"{path}:{rows[0][0]}: no eval text field: looked for {candidates}, the row has {sorted(first)}"
-        + ("" if eval_field else "; name the field with --eval-field")
+        + ("" if eval_field else "; name the field with --eval_field")
     )
 
 
@@ -272,8 +272,9 @@ def write_filtered(path, out_path, removed_lines):
     """Copies a training file without the rows at `removed_lines` (1-based, as read_rows numbers them)."""
     removed = set(int(x) for x in removed_lines)
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        from nanotulu.data import optional_import
 
+        pq = optional_import("pyarrow.parquet", "data", f"{path}: writing Parquet")
         table = pq.read_table(path)
         keep = [i for i in range(table.num_rows) if i + 1 not in removed]
         pq.write_table(table.take(keep), out_path)
@@ -411,17 +412,22 @@ def print_report(report, file=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m nanotulu.decontam", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--train", nargs="+", required=True, help="training files (JSONL / Parquet, any Tulu format)")
     p.add_argument("--eval", nargs="+", required=True, help="evaluation files (JSONL / Parquet)")
     p.add_argument("--out", required=True, help="output folder: filtered training files, report.json, matches.jsonl")
     p.add_argument("--ngram", type=int, default=8, help="words per n-gram (Tulu 3: 8)")
     p.add_argument("--threshold", type=float, default=0.5, help="remove a row when an eval item's share is above this")
-    p.add_argument("--eval-field", default=None,
-                   help=f"eval text field (default: first of {', '.join(DEFAULT_EVAL_FIELDS)}, messages)")
+    p.add_argument("--eval_field", default=None,
+                   help=f"eval text field (None: first of {', '.join(DEFAULT_EVAL_FIELDS)}, messages)")
+    p.add_argument("--eval-field", dest="eval_field", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--examples", type=int, default=5, help="example matches per eval file in the report")
     args = p.parse_args(argv)
     try:
+        from nanotulu.common import check_output_path
+
+        check_output_path(args.out, "--out", folder=True)
         report = decontaminate(args.train, args.eval, args.out, args.ngram, args.threshold, args.eval_field,
                                args.examples)
     except (ValueError, OSError) as e:

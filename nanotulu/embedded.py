@@ -3,9 +3,10 @@
 Task: two-number addition written as a worked answer, column by column (a tiny model learns the one-digit steps
 far sooner than whole sums), sometimes with a format instruction of the kind IFEval checks.
 
-    python -m nanotulu.embedded      # rewrites the files in nanotulu/assets/ (deterministic)
+    python -m nanotulu.embedded --write                 # rewrites the files in nanotulu/assets/ (deterministic)
+    python -m nanotulu.embedded --write --out_dir DIR   # writes them elsewhere (diff against the shipped ones)
 
-Files (Tulu formats, RECIPE.md):
+Files (Tulu formats, docs/RECIPE.md):
 - sft.jsonl          `messages` with worked answers;
 - dpo.jsonl          `chosen` (the correct worked answer) / `rejected` (a worked answer with one realistic
                      mistake: a misread digit or a wrong column sum);
@@ -134,5 +135,19 @@ def asset(name):
     return os.path.join(ASSETS, name)
 
 
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m nanotulu.embedded", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--write", action="store_true", help="regenerate the asset files (without it nothing is written)")
+    p.add_argument("--out_dir", default=ASSETS, help="where --write writes them")
+    args = p.parse_args(argv)
+    if not args.write:
+        p.print_help()
+        return
+    write_all(args.out_dir)
+
+
 if __name__ == "__main__":
-    write_all()
+    main()

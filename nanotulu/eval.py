@@ -2,7 +2,7 @@
 
     python -m nanotulu.eval --model DIR --data gsm8k.jsonl math.jsonl [--out results.json] [--max_new_tokens 512]
 
-Rows are RLVR rows (RECIPE.md): `messages` (a final assistant turn is the reference answer and is dropped from the
+Rows are RLVR rows (docs/RECIPE.md): `messages` (a final assistant turn is the reference answer and is dropped from the
 prompt), `ground_truth`, and `dataset`, which names the verifier of nanotulu.rewards (gsm8k, math, ifeval,
 string_match, or a list of them); without nanotulu.rewards, answers are scored by exact match of stripped strings.
 Prompts are rendered with the chat template (the tokenizer's own, else "tulu"), generated greedily by default with
@@ -154,22 +154,30 @@ def format_table(results):
     return "\n".join(lines)
 
 
+# The pipeline's evaluation of the embedded model (nanotulu.pipeline): its answers need ~80 tokens.
+EMBEDDED_MAX_NEW_TOKENS = 96
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nanotulu.eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
-    parser.add_argument("--data", required=True, nargs="+", help="RLVR JSONL/Parquet files")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (default: --model)")
-    parser.add_argument("--template", default=None, help="'tulu' or a Jinja template (default: the tokenizer's own, "
+    parser.add_argument("--data", required=True, nargs="+", help="RLVR rows: mixes 'file[:amount],...' as the "
+                        "trainers take (amount: 0.5 = fraction, 500 = rows); several mixes add up")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (None: --model)")
+    parser.add_argument("--template", default=None, help="'tulu' or a Jinja template (None: the tokenizer's own, "
                         "else tulu)")
-    parser.add_argument("--out", default="eval_results.json", help="JSON results file")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--out", default="eval_results.json", help="JSON results file (checked before any work)")
+    parser.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
+    parser.add_argument("--max_new_tokens", type=int, default=0, help="answer length limit (0: "
+                        f"{EMBEDDED_MAX_NEW_TOKENS} with the byte tokenizer, as the pipeline evaluates the embedded "
+                        "model; else 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=0, help="first N rows of each file (0: all)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    parser.add_argument("--limit", type=int, default=0, help="first N rows of each file, before its amount (0: all)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="weights and compute (auto: bfloat16 on GPU, float32 on CPU, as the trainers)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--add_bos", action="store_true", help="prepend the tokenizer's BOS token to prompts")
     parser.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graph on GPU)")
     parser.add_argument("--verify_workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -177,35 +185,46 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     # everything a user can get wrong is checked before the model is loaded
-    from nanotulu.data import load_tokenizer, resolve_template
+    import numpy as np
+
+    from nanotulu.common import check_output_path
+    from nanotulu.data import load_tokenizer, parse_mix, resolve_template, select_rows
     from nanotulu.model import Llama
     from nanotulu.rewards import load_rlvr_rows
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise SystemExit(f"--model {args.model}: not a model directory (no config.json)")
-    for path in args.data:
+    try:
+        check_output_path(args.out, "--out", folder=False)
+        sources = [src for spec in args.data for src in parse_mix(spec)]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for path, _ in sources:
         if not os.path.isfile(path):
             raise SystemExit(f"--data {path}: no such file")
-    if args.max_new_tokens <= 0:
-        raise SystemExit(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    if args.max_new_tokens < 0:
+        raise SystemExit(f"--max_new_tokens must be positive (or 0: auto), got {args.max_new_tokens}")
     tok = load_tokenizer(args.tokenizer or args.model)
+    max_new_tokens = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if tok.name == "byte" else 512)
     template = resolve_template(args.template, tok)
     rows = []
-    for path in args.data:
+    for k, (path, amount) in enumerate(sources):
         file_rows = load_rlvr_rows(path)
         if not file_rows:
             raise SystemExit(f"--data {path}: no rows")
-        rows.extend(file_rows[:args.limit] if args.limit > 0 else file_rows)
-    model = Llama.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
+        file_rows = file_rows[:args.limit] if args.limit > 0 else file_rows
+        rows.extend(select_rows(file_rows, amount, np.random.default_rng([args.seed, k])))
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
+    model = Llama.from_pretrained(args.model, dtype=getattr(torch, dtype), device=args.device).eval()
 
-    results = evaluate(model, tok, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    results = evaluate(model, tok, rows, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
                        template=template, greedy=args.temperature == 0, temperature=args.temperature or 1.0,
                        seed=args.seed, add_bos=args.add_bos, verify_workers=args.verify_workers,
                        compile=args.compile)
     print(format_table(results))
     o = results["overall"]
     print(f"{o['n']} prompts in {o['seconds']:.1f} s ({o['tokens_per_s']:.0f} new tokens/s)")
-    results["config"] = vars(args)
+    results["config"] = dict(vars(args), dtype=dtype, max_new_tokens=max_new_tokens)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {args.out}")

@@ -66,7 +66,7 @@ class LlamaConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
 
-# Published shapes (RECIPE.md), for benchmarks with random weights.
+# Published shapes (docs/RECIPE.md), for benchmarks with random weights.
 LLAMA_3_2_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                            num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
                            rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -502,6 +502,11 @@ class Llama(nn.Module):
                 total = sum(t.numel() * t.element_size() for t in sd.values())
                 with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            umask = os.umask(0o022)
+            os.umask(umask)
+            for name in os.listdir(tmp):  # safetensors writes 0600, mkdtemp makes 0700: the umask's modes instead
+                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+            os.chmod(tmp, 0o777 & ~umask)
             replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

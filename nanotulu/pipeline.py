@@ -7,13 +7,15 @@ accuracy table) and runs/pipeline/curves.png (each stage's training curves and t
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 
 import torch
 
-from nanotulu import common, data, rewards, train_dpo, train_rlvr, train_sft
+from nanotulu import common, data, embedded, rewards, train_dpo, train_rlvr, train_sft
+from nanotulu.eval import EMBEDDED_MAX_NEW_TOKENS
 from nanotulu.model import Llama, build_model
 
 
@@ -54,8 +56,7 @@ def curve(ax, rows, key, label, color):
 
 
 def plot(out_dir, table):
-    import matplotlib
-
+    matplotlib = data.optional_import("matplotlib", "plot", "the pipeline's curves.png")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -84,45 +85,51 @@ def plot(out_dir, table):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="runs/pipeline")
-    p.add_argument("--fresh", action="store_true", help="ignore finished stages in output_dir and rerun them")
+    p = argparse.ArgumentParser(prog="python -m nanotulu.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="runs/pipeline", help="stage outputs and the summary (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="rerun every stage from scratch (default: off: a stage whose "
+                   "final/ exists and was trained with the same flags is reused; one with other flags is refused)")
+    p.add_argument("--threads", type=int, default=common.EMBEDDED_THREADS, help="CPU threads; results depend on it "
+                   "(float sums split differently): README's table is for the default (default: %(default)s)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = args.output_dir
     t0 = time.perf_counter()
     test_rows = rewards.load_rlvr_rows(embedded.asset("rlvr_test.jsonl"))
-    eval_tokens = train_rlvr.EMBEDDED_PRESET["max_new_tokens"]
+    eval_tokens = EMBEDDED_MAX_NEW_TOKENS  # what `python -m nanotulu.eval` uses for the embedded model
     stage_dir = {s: os.path.join(out, s) for s in ("sft", "dpo", "rlvr")}
     fresh = ["--resume", "false"] if args.fresh else []
+    sft_model, dpo_model = os.path.join(stage_dir["sft"], "final"), os.path.join(stage_dir["dpo"], "final")
+    stages = [  # (name, trainer module, its flags)
+        ("sft", train_sft, ["--output_dir", stage_dir["sft"], *fresh]),
+        ("dpo", train_dpo, ["--model", sft_model, "--tokenizer", "byte", "--data", embedded.asset("dpo.jsonl"),
+                            "--output_dir", stage_dir["dpo"], *preset_flags(train_dpo.EMBEDDED_PRESET), *fresh]),
+        ("rlvr", train_rlvr, ["--model", dpo_model, "--tokenizer", "byte", "--data",
+                              embedded.asset("rlvr_train.jsonl"), "--output_dir", stage_dir["rlvr"],
+                              *preset_flags(train_rlvr.EMBEDDED_PRESET), *fresh])]
 
-    def done(stage):
-        return not args.fresh and os.path.isfile(os.path.join(stage_dir[stage], "final", "config.json"))
+    def done(stage, trainer, flags):
+        """The stage's final/ exists and was trained with these flags (its run_config.json): reuse it."""
+        final, saved = os.path.join(stage_dir[stage], "final"), os.path.join(stage_dir[stage], "run_config.json")
+        if args.fresh or not os.path.isfile(os.path.join(final, "config.json")) or not os.path.isfile(saved):
+            return False
+        cls = {"sft": train_sft.SFTConfig, "dpo": train_dpo.DPOConfig, "rlvr": train_rlvr.RLVRConfig}[stage]
+        with open(saved) as f:
+            return not common.config_diff(json.load(f), dataclasses.asdict(
+                common.resolve_flags(cls, trainer.EMBEDDED_PRESET, flags)))
 
     timings = {}
     table = [("init", *held_out_accuracy(None, test_rows, eval_tokens))]
-    t = time.perf_counter()
-    if not done("sft"):
-        train_sft.main(["--output_dir", stage_dir["sft"], *fresh], finish=False)
-    timings["sft"] = time.perf_counter() - t
-    sft_model = os.path.join(stage_dir["sft"], "final")
-    table.append(("sft", *held_out_accuracy(sft_model, test_rows, eval_tokens)))
-
-    t = time.perf_counter()
-    if not done("dpo"):
-        train_dpo.main(["--model", sft_model, "--tokenizer", "byte", "--data", embedded.asset("dpo.jsonl"),
-                        "--output_dir", stage_dir["dpo"], *preset_flags(train_dpo.EMBEDDED_PRESET), *fresh],
-                       finish=False)
-    timings["dpo"] = time.perf_counter() - t
-    dpo_model = os.path.join(stage_dir["dpo"], "final")
-    table.append(("dpo", *held_out_accuracy(dpo_model, test_rows, eval_tokens)))
-
-    t = time.perf_counter()
-    if not done("rlvr"):
-        train_rlvr.main(["--model", dpo_model, "--tokenizer", "byte",
-                         "--data", embedded.asset("rlvr_train.jsonl"), "--output_dir", stage_dir["rlvr"],
-                         *preset_flags(train_rlvr.EMBEDDED_PRESET), *fresh], finish=False)
-    timings["rlvr"] = time.perf_counter() - t
-    table.append(("rlvr", *held_out_accuracy(os.path.join(stage_dir["rlvr"], "final"), test_rows, eval_tokens)))
+    upstream_ran = False
+    for stage, trainer, flags in stages:
+        t = time.perf_counter()
+        if upstream_ran or not done(stage, trainer, flags):
+            # after a retrained stage, the next ones start over: their checkpoints came from the old model
+            trainer.main(flags + (["--resume", "false"] if upstream_ran and not args.fresh else []), finish=False)
+            upstream_ran = True
+        timings[stage] = time.perf_counter() - t
+        table.append((stage, *held_out_accuracy(os.path.join(stage_dir[stage], "final"), test_rows, eval_tokens)))
 
     names = sorted({k for _, _, per in table for k in per})
     lines = ["| stage | held-out accuracy | " + " | ".join(names) + " | train time (s) |",
@@ -138,8 +145,8 @@ def main(argv=None):
         f.write(summary)
     try:
         png = plot(out, table)
-    except ImportError:
-        png = "not drawn: matplotlib is not installed (pip install -e '.[plot]')"
+    except ImportError as e:
+        png = f"not drawn: {e}"
     print("\n" + summary + f"curves: {png}")
     common.finish_distributed()
     return table

@@ -66,7 +66,7 @@ EMBEDDED_SFT_DIR = "runs/sft"
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, len_chosen, len_rejected, *, loss_type, beta,
              gamma_beta_ratio=0.3, label_smoothing=0.0):
-    """Per-pair preference losses (RECIPE.md). Inputs (P,): answer log-likelihoods summed over tokens, and the
+    """Per-pair preference losses (docs/RECIPE.md). Inputs (P,): answer log-likelihoods summed over tokens, and the
     answer token counts. Returns (losses (P,), rewards_chosen (P,), rewards_rejected (P,)); the rewards are
     beta x the policy-minus-reference log-likelihood in the loss's own normalisation (simpo: no reference)."""
     if loss_type in ("dpo_norm", "ipo"):  # every L per token
@@ -392,11 +392,13 @@ def reference(cfg, ref_dir, pairs, template, tok, load_placed, mesh, device, use
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
     check_flags(cfg)
-    model_dir = embedded_sft_model(rank) if is_embedded else cfg.model
-    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else model_dir))
+    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = "tulu" if cfg.template == "tulu" else tok.chat_template
     pairs = load_data(cfg, is_embedded, tok, template, rank)
     capacity = 2 * cfg.max_seq_len  # a row holds at least one whole pair
+    # before the embedded SFT and the reference pass: the pairs must fill one optimizer step
+    common.check_one_step([pair_length(p) for p in pairs], capacity, cfg, world, what="pairs")
+    model_dir = embedded_sft_model(rank) if is_embedded else cfg.model
     mesh = common.make_mesh(cfg, world, device)
 
     def load_placed(path):
@@ -415,9 +417,6 @@ def main(argv=None, finish=True):
 
     # --- packed loader of pairs, optimizer, resume ------------------------------------------------------------------
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
-    if cfg.batch_rows % (dp_world * cfg.micro_batch_rows):
-        raise ValueError(f"--batch_rows {cfg.batch_rows} must be a multiple of data-parallel ranks ({dp_world}) x "
-                         f"--micro_batch_rows ({cfg.micro_batch_rows})")
     loader = data.PackedLoader(pairs, capacity=capacity, rows_per_step=cfg.batch_rows // dp_world, rank=dp_rank,
                                world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id, length_fn=pair_length,
                                to_docs=pair_docs)

@@ -40,8 +40,9 @@ class RLVRConfig(common.RunFlags):
     model: str = field(default="", metadata={"help": "HF directory of the starting policy; empty: embedded"})
     ref_model: str = field(default="", metadata={"help": "frozen reference for the KL term; empty: --model"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer directory or 'byte'; empty: the model's"})
-    data: str = field(default="", metadata={"help": "RLVR JSONL/Parquet files, comma-separated"})
-    eval_data: str = field(default="", metadata={"help": "held-out RLVR files for accuracy (comma-separated)"})
+    data: str = field(default="", metadata={"help": "mix 'file[:amount],...' of RLVR rows (amount: 0.5 = fraction, "
+                                                    "500 = rows)"})
+    eval_data: str = field(default="", metadata={"help": "held-out RLVR rows for accuracy, a mix as --data"})
     template: str = "tulu"
     output_dir: str = "runs/rlvr"
     num_samples: int = field(default=16, metadata={"help": "answers sampled per prompt (the GRPO group)"})
@@ -252,11 +253,9 @@ def check_flags(cfg):
 
 def load_tasks(cfg, is_embedded, tok, template):
     """-> (training rows, their prompt token ids, held-out rows); prompts longer than --max_prompt_len refused."""
-    train_files = cfg.data.split(",") if cfg.data else [embedded.asset("rlvr_train.jsonl")]
-    eval_files = cfg.eval_data.split(",") if cfg.eval_data else ([embedded.asset("rlvr_test.jsonl")]
-                                                                 if is_embedded else [])
-    rows = [r for f in train_files for r in rewards.load_rlvr_rows(f)]
-    eval_rows = [r for f in eval_files for r in rewards.load_rlvr_rows(f)]
+    rows = rewards.load_rlvr_mix(cfg.data or embedded.asset("rlvr_train.jsonl"), cfg.seed)
+    eval_data = cfg.eval_data or (embedded.asset("rlvr_test.jsonl") if is_embedded else "")
+    eval_rows = rewards.load_rlvr_mix(eval_data, cfg.seed) if eval_data else []
     prompts = data_prompts(rows, tok, template)
     too_long = [r["source"] for r, p in zip(rows, prompts) if len(p) > cfg.max_prompt_len]
     if too_long:
@@ -352,10 +351,14 @@ def update(model, optimizer, rows, cfg, step, mesh, device, use_bf16):
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, EMBEDDED_PRESET, argv, "RLVR")
     check_flags(cfg)
-    model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model
-    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else model_dir))
+    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = "tulu" if cfg.template == "tulu" else tok.chat_template
     tasks, prompts, eval_rows = load_tasks(cfg, is_embedded, tok, template)
+    dp = common.planned_dp_world(cfg, world)
+    if cfg.prompts_per_step % dp or cfg.prompts_per_step > len(tasks):
+        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the data-parallel ranks "
+                         f"({dp}) and at most the {len(tasks)} prompts of --data: lower --prompts_per_step or add data")
+    model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model
     capacity = cfg.row_capacity or cfg.max_prompt_len + cfg.max_new_tokens
     mesh = common.make_mesh(cfg, world, device)
 
@@ -371,6 +374,8 @@ def main(argv=None, finish=True):
     sampler = PromptSampler(len(tasks), cfg.prompts_per_step, dp_rank, dp_world, cfg.seed)
     optimizer = common.make_optimizer(model, cfg, device)
     ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, sampler, rank, world)
+    if rank == 0:
+        common.truncate_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"), step)  # later steps are replayed
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     if step == 0:

@@ -81,6 +81,7 @@ def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     examples = load_data(cfg, is_embedded, tok, rank)
+    common.check_one_step([data.sft_length(e) for e in examples], cfg.max_seq_len, cfg, world)
 
     # --- model, placed on the (dp, tp) mesh ---------------------------------------------------------------------
     if is_embedded:
@@ -93,13 +94,8 @@ def main(argv=None, finish=True):
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
 
     # --- packed loader, optimizer, resume ---------------------------------------------------------------------------
-    if cfg.batch_rows % (dp_world * cfg.micro_batch_rows):
-        raise ValueError(f"--batch_rows {cfg.batch_rows} must be a multiple of data-parallel ranks ({dp_world}) x "
-                         f"--micro_batch_rows ({cfg.micro_batch_rows})")
     loader = data.PackedLoader(examples, capacity=cfg.max_seq_len, rows_per_step=cfg.batch_rows // dp_world,
                                rank=dp_rank, world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id)
-    if len(loader) == 0:
-        raise ValueError(f"{len(examples)} examples fill fewer than one step of {cfg.batch_rows} rows")
     total_steps = cfg.max_steps or cfg.epochs * len(loader)
     optimizer = common.make_optimizer(model, cfg, device)
     ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, loader, rank, world)

@@ -18,7 +18,7 @@ MULTI_TURN = [
     {"role": "assistant", "content": "4"},
 ]
 
-# The tulu template written as a Jinja chat template (from RECIPE.md's description), rendered by transformers as
+# The tulu template written as a Jinja chat template (from docs/RECIPE.md's description), rendered by transformers as
 # an independent check of the built-in renderer.
 TULU_JINJA = (
     "{% for message in messages %}"

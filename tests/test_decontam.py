@@ -248,7 +248,7 @@ def test_errors(planted, tmp_path):
 
     no_field = tmp_path / "nofield.jsonl"
     write_jsonl(no_field, [{"answer": "1"}])
-    with pytest.raises(ValueError, match=r"nofield.jsonl:1: no eval text field.*--eval-field"):
+    with pytest.raises(ValueError, match=r"nofield.jsonl:1: no eval text field.*--eval_field"):
         decontam.decontaminate(train, [str(no_field)], out)
     later = tmp_path / "later.jsonl"
     write_jsonl(later, [{"question": "a"}, {"question": "b"}, {"text": "c"}])

@@ -1,4 +1,4 @@
-"""DPO: the loss against RECIPE.md's formulas, packed pair log-probs against unpacked ones, the reference cache,
+"""DPO: the loss against docs/RECIPE.md's formulas, packed pair log-probs against unpacked ones, the reference cache,
 and one training step through the fused kernel against a plain-torch reference."""
 
 import json
@@ -22,7 +22,7 @@ def logsig(x):
 
 
 def formula(loss_type, pc, pr, rc, rr, lc, lr, beta, g, s):
-    """RECIPE.md's table, one pair, in Python floats."""
+    """docs/RECIPE.md's table, one pair, in Python floats."""
     if loss_type == "dpo":
         z = (pc - pr) - (rc - rr)
     elif loss_type in ("dpo_norm", "ipo"):

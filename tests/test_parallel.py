@@ -200,10 +200,12 @@ def test_torchrun_killed_run_resumes_bit_for_bit(tmp_path):
     for (n, p), (_, q) in zip(ma.state_dict().items(), mb.state_dict().items()):
         assert torch.equal(p, q), n
 
-    # the latest checkpoint (dp=2) is refused by a run on another mesh of the same 2 processes, before any step
+    # the run (dp=2) is refused by a run on another mesh of the same 2 processes, before any step: its saved flags
+    # (run_config.json) name the mesh flags that differ
     other = torchrun_sft(2, [*common_args, "--output_dir", str(tmp_path / "b"), "--dp_shard", "1", "--tp", "2",
                              "--max_steps", "6"], check=False)
-    assert other.returncode != 0 and "resume with the same --dp_shard and --tp" in other.stderr, other.stderr[-3000:]
+    assert other.returncode != 0 and "--dp_shard 2 there, 1 now" in other.stderr and "--tp 1 there, 2 now" in \
+        other.stderr, other.stderr[-3000:]
 
 
 # ---- bad input: refused before any work ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ One module per concern:
 - dispatch.py: `verify` (a row's verifiers by the names in its `dataset` column, compared lower-case; a list of
   names scores the mean), `reward` and `score_to_reward`.
 - pool.py: `verify_batch`, many answers in worker processes with a timeout per answer.
-- rlvr_rows.py: `load_rlvr_rows`, RLVR rows read and validated at load time.
+- rlvr_rows.py: `load_rlvr_rows` (RLVR rows read and validated at load time), `load_rlvr_mix` (a data mix of them).
 """
 
 from nanotulu.rewards.dispatch import VERIFIERS, reward, score_to_reward, verifier_pairs, verify
@@ -28,12 +28,12 @@ from nanotulu.rewards.ifeval import (
 from nanotulu.rewards.language import IFEVAL_LANGUAGES, detect_language
 from nanotulu.rewards.math import extract_math_answer, verify_math
 from nanotulu.rewards.pool import DEFAULT_MAX_CHARS, shutdown_pool, verify_batch
-from nanotulu.rewards.rlvr_rows import load_rlvr_rows
+from nanotulu.rewards.rlvr_rows import load_rlvr_mix, load_rlvr_rows
 from nanotulu.rewards.string_match import normalize_answer, verify_string_match
 
 __all__ = [
     "DEFAULT_MAX_CHARS", "IFEVAL_INSTRUCTIONS", "IFEVAL_LANGUAGES", "TULU_IF_FUNCTIONS", "VERIFIERS",
-    "count_words", "detect_language", "extract_last_number", "extract_math_answer", "load_rlvr_rows",
+    "count_words", "detect_language", "extract_last_number", "extract_math_answer", "load_rlvr_mix", "load_rlvr_rows",
     "normalize_answer", "parse_ifeval_ground_truth", "reward", "score_to_reward", "shutdown_pool", "split_sentences",
     "verifier_pairs", "verify", "verify_batch", "verify_gsm8k", "verify_ifeval", "verify_math", "verify_string_match",
 ]

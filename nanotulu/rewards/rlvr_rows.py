@@ -62,3 +62,16 @@ def load_rlvr_rows(path):
             raise ValueError(f"{where}: field '{field}': {e}") from None
         rows.append({"prompt_messages": prompt, "ground_truth": ground_truth, "dataset": dataset, "source": where})
     return rows
+
+
+def load_rlvr_mix(spec, seed=0):
+    """RLVR rows of a data mix 'file[:amount],...', the syntax SFT and DPO take (data.parse_mix: 0.5 is a fraction of
+    the file, 500 a row count, repeating rows above the file's size; no amount: every row), in mix order."""
+    import numpy as np
+
+    from nanotulu.data import parse_mix, select_rows
+
+    rows = []
+    for k, (path, amount) in enumerate(parse_mix(spec)):
+        rows += select_rows(load_rlvr_rows(path), amount, np.random.default_rng([seed, k]))
+    return rows
