@@ -82,11 +82,20 @@ EMBEDDED_PRESET = dict(num_samples=16, prompts_per_step=8, max_prompt_len=96, ma
 
 
 def group_advantages(rewards_, n):
-    """rewards (G*n,) in group order -> (advantages (G*n,), equal (G,) bool: groups with no reward spread).
-    The std is the population std of the group (ddof 0)."""
-    r = rewards_.view(-1, n)
+    """rewards (G*n,) in group order -> (advantages (G*n,) float64, equal (G,) bool: groups with no reward spread).
+    The std is the population std of the group (ddof 0). Computed in float64 whatever the input dtype, and a group
+    whose rewards are all equal gets exactly 0: in float32 the mean of equal non-dyadic values (2/3 x 10, or x 0.1)
+    can be one ulp off while the std is ~0, and (r - mean) / (std + 1e-8) would turn that ulp into about -48."""
+    r = rewards_.double().view(-1, n)
     mean, std = r.mean(1, keepdim=True), r.std(1, unbiased=False, keepdim=True)
-    return ((r - mean) / (std + 1e-8)).view(-1), (r.max(1).values == r.min(1).values)
+    equal = r.max(1).values == r.min(1).values  # (G,)
+    adv = torch.where(equal[:, None], 0.0, (r - mean) / (std + 1e-8))
+    return adv.view(-1), equal
+
+
+# exp(-d) of k3 overflows fp32 below d = -88: beyond -K3_LIMIT it continues along its tangent (finite, same sign of
+# gradient); for d >= -K3_LIMIT, value and gradient are exactly exp(-d)
+K3_LIMIT = 20.0
 
 
 def kl_estimate(logp, ref_logp, kind):
@@ -97,7 +106,8 @@ def kl_estimate(logp, ref_logp, kind):
     if kind == "k2":
         return d * d / 2
     if kind == "k3":
-        return torch.exp(-d) - 1 + d
+        dc = d.clamp(min=-K3_LIMIT)  # exp(-dc) <= e^20: finite in fp32 and bf16
+        return torch.exp(-dc) * (1 + (dc - d)) - 1 + d  # = exp(-d) - 1 + d for d >= -K3_LIMIT
     raise ValueError(f"--kl_estimator {kind!r}: expected one of {', '.join(KL_ESTIMATORS)}")
 
 
@@ -294,7 +304,7 @@ def score(outs, tasks, cfg, tok):
     finished = [o["finish_reason"] == "stop" for o in outs]
     penalty = None if cfg.nonstop_penalty != cfg.nonstop_penalty else cfg.nonstop_penalty  # nan: off
     rew = torch.tensor([rewards.score_to_reward(s, f, scale=cfg.reward_scale, nonstop_penalty=penalty)
-                        for s, f in zip(scores, finished)])
+                        for s, f in zip(scores, finished)], dtype=torch.float64)
     return scores, rew, finished, vstats
 
 
