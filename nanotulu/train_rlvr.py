@@ -5,13 +5,16 @@
         --output_dir runs/rlvr-8b
 
 One step:
-1. rollouts: each rank takes its share of `prompts_per_step` prompts and samples `num_samples` answers to each
-   with the policy itself (nanotulu.generate: static KV cache, no second copy of the weights);
+1. rollouts: each data-parallel rank takes its share of `prompts_per_step` prompts and samples `num_samples`
+   answers to each with the policy itself (nanotulu.generate: static KV cache, each prompt prefilled once for its
+   group, on CUDA a compiled CUDA-graph decode step; FSDP / TP weights gathered once, no second copy kept); the
+   ranks of a tensor-parallel group split the prompts and exchange the answers;
 2. rewards: the verifiers (nanotulu.rewards) score each answer, x reward_scale; answers cut off by the length
    limit can get a non-stop penalty instead;
 3. advantages: per prompt group, (r - mean) / (std + 1e-8); groups whose rewards are all equal carry no signal and
    are counted (and dropped with --drop_equal_groups);
-4. the old policy's and the frozen reference's per-token log-probs in no-grad passes over packed rows;
+4. the old policy's and the frozen reference's per-token log-probs in no-grad passes over packed rows, padded to
+   the row count of the rank with the most rows (every rank runs the same forwards and backwards);
 5. `num_epochs` passes over the rollouts in `num_mini_batches` optimizer steps each: PPO-clip per-token loss
    max(-A r, -A clip(r, 1 - eps, 1 + eps)) with r = exp(logp - logp_old), plus beta x a KL estimate to the
    reference (k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d with d = logp - logp_ref), summed over the answer tokens
