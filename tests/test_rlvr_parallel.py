@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ import torch.distributed as dist
 
 from nanotulu import common, data, parallel
 from nanotulu.model import LlamaConfig, build_model
-from nanotulu.train_rlvr import GRPO_SUMS, RLVRConfig, build_rows, group_advantages, update
+from nanotulu.generate import generate
+from nanotulu.train_rlvr import GRPO_SUMS, RLVRConfig, build_rows, group_advantages, rollout, update
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
@@ -81,6 +83,15 @@ def _worker(rank, world, port, dp, tp, ac):
         model = parallel.parallelize(build_model(TINY, seed=1), mesh, activation_checkpointing=ac, seq_len=CAPACITY)
         ref_model = parallel.parallelize(build_model(TINY, seed=2), mesh, seq_len=CAPACITY)
         dp_rank = common.dp_coords(mesh, rank, world)[0]
+        # rollout phase: greedy answers (so the split over TP ranks cannot change them) of 3 prompts (an uneven
+        # split), gathered in group order, equal the one-process generation on every rank
+        prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+        want = generate(build_model(TINY, seed=1), prompts, num_samples=N, max_new_tokens=5, eos_token_id=-1,
+                        greedy=True)
+        group_prompts, outs = rollout(model, prompts, dataclasses.replace(CFG, temperature=0.0, max_new_tokens=5),
+                                      SimpleNamespace(eos_token_id=-1), torch.Generator().manual_seed(rank), mesh)
+        assert group_prompts == [p for p in prompts for _ in range(N)]
+        assert [o["tokens"] for o in outs] == [o["tokens"] for o in want]
         sums, grads, n_rows = grpo_step(model, ref_model, GROUPS[dp_rank::dp], CFG, mesh)
         if dp == 2:  # rank 0's answers pack into 4 rows, rank 1's into 2 (+2 padding rows)
             assert n_rows == 4
