@@ -195,9 +195,10 @@ def generate(model, prompts, *, max_new_tokens, eos_token_id, temperature=1.0, t
     its n samples; the result equals generating the list with every prompt repeated n times (same seed, same
     samples), without n prefills.
 
-    Returns one dict per prompt and sample (prompt 0's num_samples answers first, then prompt 1's, ...): "tokens" (new token ids, the EOS included when it stopped on one), "logprobs"
-    (log_softmax(logits / temperature) of each token, see the module docstring), "finish_reason" ("stop": EOS or a
-    stop string, "length": max_new_tokens reached)."""
+    Returns one dict per prompt and sample (prompt 0's num_samples answers first, then prompt 1's, ...): "tokens"
+    (new token ids, the EOS included when it stopped on one), "logprobs" (log_softmax(logits / temperature) of each
+    token, see the module docstring), "finish_reason" ("stop": EOS or a stop string, "length": max_new_tokens
+    reached)."""
     check_generate_args(model, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, stop_strings, decode,
                 max_len)
     if not isinstance(num_samples, int) or num_samples < 1:

@@ -48,7 +48,8 @@ class RecordingSGD(torch.optim.SGD):
         self.names, self.grads = [n.replace("_checkpoint_wrapped_module.", "") for n in names], []
 
     def step(self):
-        full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in self.param_groups[0]["params"]]
+        params = self.param_groups[0]["params"]
+        full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in params]
         self.grads.append({n: g.detach().clone() for n, g in zip(self.names, full)})
         super().step()
 
