@@ -26,7 +26,9 @@ the given temperature for the log-probs too; temperature=0 means greedy with log
 FSDP2: a model sharded with `torch.distributed.fsdp.fully_shard` is detected with isinstance(FSDPModule). Every
 FSDP module is unsharded ONCE (an all-gather; all ranks must call generate together), a plain Llama on the meta
 device is given those gathered tensors by reference (no copy), generation runs on it with no FSDP hooks and no
-collective per step (so ranks may stop at different steps), and the model is resharded afterwards.
+collective per step (so ranks may stop at different steps), and the model is resharded afterwards. Tensor parallel:
+the unsharded parameters are still split over the TP group (DTensors); each is all-gathered into a full copy for the
+call (the gathered weights must fit on one device), so TP ranks decode with full weights too.
 """
 
 import contextlib
