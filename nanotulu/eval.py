@@ -1,6 +1,7 @@
 """Scores a checkpoint on RLVR-format data: generate an answer to every prompt, verify it, report per data set.
 
     python -m nanotulu.eval --model DIR --data gsm8k.jsonl math.jsonl [--out results.json] [--max_new_tokens 512]
+    torchrun --nproc_per_node 8 -m nanotulu.eval --model DIR --data ... --tp 2   # FSDP2 x tensor parallel
 
 Rows are RLVR rows (docs/RECIPE.md): `messages` (a final assistant turn is the reference answer and is dropped from the
 prompt), `ground_truth`, and `dataset`, which names the verifier of nanotulu.rewards (gsm8k, math, ifeval,
@@ -9,8 +10,10 @@ Prompts are rendered with the chat template (the tokenizer's own, else "tulu"), 
 nanotulu.generate in batches of similar length, and the score of a data set is the mean verifier score.
 
 `evaluate(model, tok, rows, ...)` is the same thing as a function, for the train scripts: under torch.distributed
-each rank generates its share of the rows (the FSDP weights are gathered once for the whole evaluation) and every
-rank gets the full results.
+each rank generates its share of the rows (the FSDP / tensor-parallel weights are gathered once for the whole
+evaluation: every rank decodes with full weights) and every rank gets the full results. Under torchrun the command
+line places the model on a (dp, tp) mesh as the trainers do (--tp), so a checkpoint sharded for training is
+evaluated the same way; the gathered weights must fit on one device.
 """
 
 import argparse
@@ -180,6 +183,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--add_bos", action="store_true", help="prepend the tokenizer's BOS token to prompts")
     parser.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graph on GPU)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree under torchrun (the weights are "
+                        "sharded FSDP2 x TP and gathered for generation)")
     parser.add_argument("--verify_workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="verifier worker processes (0: in this process)")
     args = parser.parse_args(argv)
@@ -214,20 +219,38 @@ def main(argv=None):
             raise SystemExit(f"--data {path}: no rows")
         file_rows = file_rows[:args.limit] if args.limit > 0 else file_rows
         rows.extend(select_rows(file_rows, amount, np.random.default_rng([args.seed, k])))
+    if args.tp < 1:
+        raise SystemExit(f"--tp must be >= 1, got {args.tp}")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
-    model = Llama.from_pretrained(args.model, dtype=getattr(torch, dtype), device=args.device).eval()
+    rank, distributed = 0, args.tp > 1 or "RANK" in os.environ
+    if distributed:  # torchrun: every rank evaluates its share of the rows
+        from nanotulu import common, parallel
+
+        rank, world, device = common.init_distributed()
+        try:
+            mesh = parallel.build_mesh(world, -1, args.tp, device)
+        except ValueError as e:
+            raise SystemExit(f"--tp {args.tp}: {e}")
+        model = Llama.from_pretrained(args.model, dtype=getattr(torch, dtype), device=device)
+        model = parallel.parallelize(model, mesh).eval()
+    else:
+        model = Llama.from_pretrained(args.model, dtype=getattr(torch, dtype), device=args.device).eval()
 
     results = evaluate(model, tok, rows, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
                        template=template, greedy=args.temperature == 0, temperature=args.temperature or 1.0,
                        seed=args.seed, add_bos=args.add_bos, verify_workers=args.verify_workers,
                        compile=args.compile)
-    print(format_table(results))
-    o = results["overall"]
-    print(f"{o['n']} prompts in {o['seconds']:.1f} s ({o['tokens_per_s']:.0f} new tokens/s)")
     results["config"] = dict(vars(args), dtype=dtype, max_new_tokens=max_new_tokens)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    if rank == 0:
+        print(format_table(results))
+        o = results["overall"]
+        print(f"{o['n']} prompts in {o['seconds']:.1f} s ({o['tokens_per_s']:.0f} new tokens/s)")
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.out}")
+    if distributed:
+        from nanotulu.common import finish_distributed
+        finish_distributed()
     return results
 
 

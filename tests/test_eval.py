@@ -157,3 +157,31 @@ def test_distributed_evaluate_equals_single_process(checkpoint, tmp_path):
         got = torch.load(tmp_path / f"r{rank}.pt")
         assert [s["response"] for s in got["samples"]] == [s["response"] for s in want["samples"]]
         assert got["datasets"] == want["datasets"]
+
+
+def test_torchrun_tensor_parallel_eval_equals_single_process(checkpoint, tmp_path):
+    """`torchrun --nproc_per_node 2 -m nanotulu.eval --tp 2`: the model TP-sharded, the weights gathered for
+    generation; the JSON equals the single-process command's. Without torchrun, --tp 2 is refused clearly."""
+    import os
+    import subprocess
+    import sys
+
+    _, path = checkpoint
+    data = tmp_path / "rl.jsonl"
+    with open(data, "w") as f:
+        for q in QUESTIONS + ["one more", "and another"]:
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}], "ground_truth": "x",
+                                "dataset": "string_match"}) + "\n")
+    args = ["--model", path, "--tokenizer", "byte", "--data", str(data), "--max_new_tokens", "6", "--dtype",
+            "float32", "--device", "cpu", "--verify_workers", "0", "--batch_size", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "nanotulu.eval", *args, "--tp", "2", "--out", str(tmp_path / "tp.json")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = main(args + ["--out", str(tmp_path / "one.json")])
+    got = json.loads((tmp_path / "tp.json").read_text())
+    assert [s["response"] for s in got["samples"]] == [s["response"] for s in want["samples"]]
+    assert got["datasets"] == want["datasets"] and got["config"]["tp"] == 2
+    with pytest.raises(SystemExit, match="--tp 2: .*does not divide the world size 1"):
+        main(args + ["--tp", "2"])
