@@ -249,13 +249,14 @@ def exit_if_asked(cfg, step):
         os._exit(3)
 
 
-def finish_run(cfg, model, is_embedded, tok_dir, rank, finish=True):
-    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer files of a
-    real model), then the process group closed unless the caller runs more stages in this process."""
+def finish_run(cfg, model, is_embedded, tok, rank, finish=True, template="tulu"):
+    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer of a real
+    model as trained: its pad token and the chat `template` used), then the process group closed unless the caller
+    runs more stages in this process."""
     from nanotulu import checkpoint
 
     out = os.path.join(cfg.output_dir, "final")
-    checkpoint.save_hf(model, out, tok_dir=None if is_embedded else tok_dir, rank=rank)
+    checkpoint.save_hf(model, out, tok=None if is_embedded else tok, template=template, rank=rank)
     if rank == 0:
         print(f"saved {out}")
     if finish:

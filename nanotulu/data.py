@@ -207,11 +207,13 @@ class HFTokenizer:
         self.eos_token, self.eos_token_id = token_id("eos_token", required=True)
         self.bos_token, self.bos_token_id = token_id("bos_token", required=False)
         self.pad_token, self.pad_token_id = token_id("pad_token", required=False)
+        self.added_pad = False
         if self.pad_token_id is None or self.pad_token_id == self.eos_token_id:
             # RECIPE: Llama 3 has no pad token; add <pad> (pad must differ from EOS).
             self.pad_token = "<pad>"
             if self._tok.token_to_id("<pad>") is None:
                 self._tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
+                self.added_pad = True
             self.pad_token_id = self._tok.token_to_id("<pad>")
         # Embedding rows needed: one past the largest id, rounded up to a multiple of 8.
         self.vocab_size = _round_up(max(self._tok.get_vocab(with_added_tokens=True).values()) + 1, 8)
@@ -227,6 +229,27 @@ class HFTokenizer:
         if template is not None and not isinstance(template, str):
             raise ValueError(f"{config_path}: field 'chat_template': expected a string, got {type(template).__name__}")
         self.chat_template = template
+        self.config = config  # tokenizer_config.json as read: save_hf writes it back with what training used
+
+    def save(self, directory, template):
+        """Writes tokenizer.json (with any <pad> added here) and tokenizer_config.json / special_tokens_map.json
+        naming the tokens actually used (eos, bos, pad) and `template` (render_chat's: "tulu" or Jinja text) as
+        chat_template, so transformers and vLLM load the tokenizer the model was trained with."""
+        self._tok.save(os.path.join(directory, "tokenizer.json"))
+        config = dict(self.config)
+        special = {"eos_token": self.eos_token, "pad_token": self.pad_token}
+        if self.bos_token is not None:
+            special["bos_token"] = self.bos_token
+        config.update(special)
+        config["chat_template"] = jinja_template(template)
+        if self.added_pad and isinstance(config.get("added_tokens_decoder"), dict):
+            config["added_tokens_decoder"] = {**config["added_tokens_decoder"], str(self.pad_token_id): {
+                "content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": True}}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+            json.dump(special, f, indent=2, ensure_ascii=False)
 
     def encode(self, text):
         # add_special_tokens=False: no BOS/EOS added by a post-processor; special tokens spelled in the text are
@@ -320,11 +343,61 @@ def render_chat(messages, template="tulu", eos_token=None, add_generation_prompt
         raise ValueError(f"chat template failed to render: {type(e).__name__}: {e}") from e
 
 
-def resolve_template(template, tok):
-    """None -> the tokenizer's chat_template, or "tulu" when it has none; anything else is kept."""
-    if template is None:
-        return tok.chat_template or "tulu"
-    return template
+# The built-in "tulu" template as a Jinja chat template: what an exported checkpoint's tokenizer_config.json holds
+# when the run trained with "tulu", so that transformers' apply_chat_template (and vLLM) render exactly what
+# render_tulu renders (tests/test_roundtrip.py checks them against each other on multi-turn chats).
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + eos_token }}{% if not loop.last %}{{ '\n' }}{% endif %}"
+    "{% else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+TEMPLATE_HELP = "'tulu' (built-in), 'hf' (the tokenizer's own chat_template) or a path to a Jinja file"
+TEMPLATE_HELP_OWN = TEMPLATE_HELP + "; empty: the model's own (its tokenizer's chat_template, else tulu)"
+
+
+def default_template(tok):
+    """The checkpoint's own template: the tokenizer's chat_template (the tulu Jinja of a nanotulu export maps back
+    to "tulu"), else "tulu"."""
+    if tok.chat_template is None or tok.chat_template == TULU_CHAT_TEMPLATE:
+        return "tulu"
+    return tok.chat_template
+
+
+def resolve_template(flag, tok):
+    """A --template value -> what render_chat takes: "tulu" or Jinja text. Every command reads the flag here.
+    None or "" -> default_template(tok) (the checkpoint's own); "tulu"; "hf" -> the tokenizer's chat_template
+    (an error when it has none); a path to an existing file -> its text. Anything else, or a Jinja template that
+    does not compile, is a ValueError naming the flag, raised before any work."""
+    if flag is None or flag == "":
+        return default_template(tok)
+    if flag == "tulu":
+        return "tulu"
+    if flag == "hf":
+        if tok.chat_template is None:
+            raise ValueError(f"--template hf: the tokenizer {tok.name!r} has no chat_template (use --template tulu "
+                             "or a path to a Jinja file)")
+        text = tok.chat_template
+    elif os.path.isfile(flag):
+        with open(flag, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        raise ValueError(f"--template {flag!r}: expected {TEMPLATE_HELP} (no such file)")
+    if text == TULU_CHAT_TEMPLATE:
+        return "tulu"
+    try:
+        _compile_jinja(text)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"--template {flag}: the chat template does not compile ({e})") from e
+    return text
+
+
+def jinja_template(template):
+    """What render_chat takes -> the Jinja text to save in tokenizer_config.json."""
+    return TULU_CHAT_TEMPLATE if template == "tulu" else template
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +414,7 @@ def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
     add_bos prepends the BOS token text (masked). max_len truncates both lists.
     Raises ValueError naming the field for malformed messages or a template that fails."""
     validate_messages(messages)
-    template = resolve_template(template, tok)
+    template = default_template(tok) if template is None else template
     prefix = tok.bos_token if add_bos and tok.bos_token else ""
 
     def n_tokens(msgs, gen_prompt=False):

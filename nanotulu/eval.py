@@ -5,7 +5,8 @@
 Rows are RLVR rows (RECIPE.md): `messages` (a final assistant turn is the reference answer and is dropped from the
 prompt), `ground_truth`, and `dataset`, which names the verifier of nanotulu.rewards (gsm8k, math, ifeval,
 string_match, or a list of them); without nanotulu.rewards, answers are scored by exact match of stripped strings.
-Prompts are rendered with the chat template (the tokenizer's own, else "tulu"), generated greedily by default with
+Prompts are rendered with the checkpoint's chat template (its tokenizer's own, which a nanotulu export sets to the
+template trained with; else "tulu"; --template tulu | hf | a Jinja file overrides it), generated greedily by default with
 nanotulu.generate in batches of similar length, and the score of a data set is the mean verifier score.
 
 `evaluate(model, tok, rows, ...)` is the same thing as a function, for the train scripts: under torch.distributed
@@ -160,8 +161,8 @@ def main(argv=None):
     parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
     parser.add_argument("--data", required=True, nargs="+", help="RLVR JSONL/Parquet files")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (default: --model)")
-    parser.add_argument("--template", default=None, help="'tulu' or a Jinja template (default: the tokenizer's own, "
-                        "else tulu)")
+    parser.add_argument("--template", default=None, help="'tulu', 'hf' (the tokenizer's chat_template) or a path to a "
+                        "Jinja file (default: the checkpoint's own: its tokenizer's chat_template, else tulu)")
     parser.add_argument("--out", default="eval_results.json", help="JSON results file")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=512)
@@ -189,7 +190,10 @@ def main(argv=None):
     if args.max_new_tokens <= 0:
         raise SystemExit(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     tok = load_tokenizer(args.tokenizer or args.model)
-    template = resolve_template(args.template, tok)
+    try:
+        template = resolve_template(args.template, tok)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     rows = []
     for path in args.data:
         file_rows = load_rlvr_rows(path)

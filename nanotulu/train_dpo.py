@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nanotulu import checkpoint, common, data, embedded, losses
+from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.model import num_flops_per_token
 
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
@@ -33,7 +34,7 @@ class DPOConfig(common.RunFlags):
     ref_model: str = field(default="", metadata={"help": "reference model directory; empty: --model"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer directory or 'byte'; empty: the model's"})
     data: str = field(default="", metadata={"help": "mix 'file[:amount],...' of chosen/rejected rows"})
-    template: str = field(default="tulu", metadata={"help": "'tulu', or 'hf' for the tokenizer's chat_template"})
+    template: str = field(default="", metadata={"help": TEMPLATE_HELP_OWN})
     output_dir: str = "runs/dpo"
     loss_type: str = field(default="dpo_norm", metadata={"help": "dpo | dpo_norm | simpo | ipo"})
     beta: float = 5.0
@@ -352,9 +353,9 @@ def reference(cfg, ref_dir, pairs, template, tok, load_placed, mesh, device, use
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
     check_flags(cfg)
+    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
+    template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     model_dir = embedded_sft_model(rank) if is_embedded else cfg.model
-    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else model_dir))
-    template = "tulu" if cfg.template == "tulu" else tok.chat_template
     pairs = load_data(cfg, is_embedded, tok, template, rank)
     capacity = 2 * cfg.max_seq_len  # a row holds at least one whole pair
     mesh = common.make_mesh(cfg, world, device)
@@ -407,7 +408,7 @@ def main(argv=None, finish=True):
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
     metrics.close()
-    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or model_dir, rank, finish)
+    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":

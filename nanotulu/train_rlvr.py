@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from nanotulu import checkpoint, common, data, embedded, losses, rewards
+from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.generate import generate
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -42,7 +43,7 @@ class RLVRConfig(common.RunFlags):
     tokenizer: str = field(default="", metadata={"help": "tokenizer directory or 'byte'; empty: the model's"})
     data: str = field(default="", metadata={"help": "RLVR JSONL/Parquet files, comma-separated"})
     eval_data: str = field(default="", metadata={"help": "held-out RLVR files for accuracy (comma-separated)"})
-    template: str = "tulu"
+    template: str = field(default="", metadata={"help": TEMPLATE_HELP_OWN})
     output_dir: str = "runs/rlvr"
     num_samples: int = field(default=16, metadata={"help": "answers sampled per prompt (the GRPO group)"})
     prompts_per_step: int = field(default=48, metadata={"help": "prompts per rollout batch, all ranks"})
@@ -336,9 +337,9 @@ def update(model, optimizer, rows, cfg, step, mesh, device, use_bf16):
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, EMBEDDED_PRESET, argv, "RLVR")
     check_flags(cfg)
+    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
+    template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model
-    tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else model_dir))
-    template = "tulu" if cfg.template == "tulu" else tok.chat_template
     tasks, prompts, eval_rows = load_tasks(cfg, is_embedded, tok, template)
     capacity = cfg.row_capacity or cfg.max_prompt_len + cfg.max_new_tokens
     mesh = common.make_mesh(cfg, world, device)
@@ -403,7 +404,7 @@ def main(argv=None, finish=True):
             checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": sampler.state_dict()}, rank)
     metrics.close()
     final_acc = held_out(model, tok, eval_rows, cfg, template, rank, step)
-    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or model_dir, rank, finish), final_acc
+    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
 
 
 def data_prompts(rows, tok, template):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanotulu import checkpoint, common, data, embedded, losses
+from nanotulu.data import TEMPLATE_HELP
 from nanotulu.model import build_model, num_flops_per_token, resize_vocab
 
 
@@ -26,7 +27,7 @@ class SFTConfig(common.RunFlags):
     model: str = field(default="", metadata={"help": "HF model directory; empty: the embedded tiny Llama"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer directory or 'byte'; empty: the model's"})
     data: str = field(default="", metadata={"help": "mix 'file[:amount],...' (amount: 0.5 = fraction, 500 = rows)"})
-    template: str = field(default="tulu", metadata={"help": "'tulu', or 'hf' for the tokenizer's chat_template"})
+    template: str = field(default="tulu", metadata={"help": TEMPLATE_HELP})
     output_dir: str = "runs/sft"
     max_seq_len: int = field(default=4096, metadata={"help": "row capacity in tokens; longer examples truncated"})
     truncate: bool = field(default=True, metadata={"help": "truncate over-long examples (false: drop them)"})
@@ -65,9 +66,8 @@ def sft_backward(model, micro, impl="auto", mesh=None, use_bf16=False):
     return loss_sum, n_tokens
 
 
-def load_data(cfg, is_embedded, tok, rank):
+def load_data(cfg, is_embedded, tok, template, rank):
     """Tokenized, masked SFT examples of the --data mix (the shipped synthetic set for the embedded default)."""
-    template = "tulu" if cfg.template == "tulu" else tok.chat_template
     sources = data.parse_mix(cfg.data) if cfg.data else [(embedded.asset("sft.jsonl"), None)]
     examples, stats = data.load_sft_dataset(sources, tok, template, cfg.max_seq_len, truncate=cfg.truncate,
                                             seed=cfg.seed)
@@ -79,7 +79,8 @@ def load_data(cfg, is_embedded, tok, rank):
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
-    examples = load_data(cfg, is_embedded, tok, rank)
+    template = data.resolve_template(cfg.template, tok)
+    examples = load_data(cfg, is_embedded, tok, template, rank)
 
     # --- model, placed on the (dp, tp) mesh ---------------------------------------------------------------------
     if is_embedded:
@@ -122,7 +123,7 @@ def main(argv=None, finish=True):
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
     metrics.close()
-    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or cfg.model, rank, finish)
+    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":
