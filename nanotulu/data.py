@@ -632,6 +632,86 @@ class PackedLoader:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
 
+class CountedLoader:
+    """A packed loader whose optimizer step holds exactly `items_per_step` examples over all ranks (DPO: the
+    recipe's 128 pairs per step), however long they are; the number of rows per step varies instead.
+
+    Each epoch the examples are shuffled with (seed, epoch); step s takes examples [s*N, (s+1)*N) of that order,
+    packs them best-fit decreasing into rows of `capacity`, and deals the rows round-robin to the ranks. Every rank
+    gets the same number of rows (ceil(rows / world_size)): a rank short of one gets an all-padding row holding no
+    example, so every rank runs the same forwards (collective under FSDP) and the examples of the step are each
+    in exactly one row of one rank. The last N - 1 or fewer examples of an epoch are dropped (counted in stats).
+    Same interface as PackedLoader (len, iteration per step, epoch, state_dict / load_state_dict)."""
+
+    def __init__(self, examples, items_per_step, capacity, rank=0, world_size=1, seed=0, pad_id=None,
+                 length_fn=sft_length, to_docs=sft_docs, backend="auto"):
+        if pad_id is None:
+            raise ValueError("CountedLoader needs pad_id (the tokenizer's pad_token_id)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if items_per_step < 1:
+            raise ValueError(f"items per step must be >= 1, got {items_per_step}")
+        self.examples, self.items_per_step, self.capacity = examples, items_per_step, capacity
+        self.rank, self.world_size, self.seed, self.pad_id = rank, world_size, seed, pad_id
+        self.to_docs, self.backend = to_docs, backend
+        self.lengths = [int(length_fn(ex)) for ex in examples]  # (n_examples,)
+        for i, n in enumerate(self.lengths):
+            if not 1 <= n <= capacity:
+                raise ValueError(f"example {i} takes {n} tokens, outside [1, capacity={capacity}]")
+        self.steps_per_epoch = len(examples) // items_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(examples)} examples: fewer than one step of {items_per_step}")
+        self.stats = {"examples": len(examples), "steps_per_epoch": self.steps_per_epoch,
+                      "dropped_examples_per_epoch": len(examples) - self.steps_per_epoch * items_per_step}
+        self.epoch, self.step = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def rows_for_step(self, epoch, step):
+        """Example indices of this rank's rows at (epoch, step): ceil(rows / world_size) lists (some maybe empty)."""
+        if self._order_epoch != epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            self._order_epoch = epoch
+        items = self._order[step * self.items_per_step:(step + 1) * self.items_per_step]
+        bins = pack([self.lengths[i] for i in items], self.capacity, backend=self.backend)
+        rows = [[int(items[j]) for j in b] for b in bins]
+        per_rank = -(-len(rows) // self.world_size)
+        mine = rows[self.rank::self.world_size]
+        return mine + [[] for _ in range(per_rank - len(mine))]
+
+    def make_rows(self, row_example_ids):
+        out = []
+        for ids in row_example_ids:
+            row = make_row([doc for i in ids for doc in self.to_docs(self.examples[i])], self.capacity, self.pad_id)
+            row["example_ids"] = list(ids)
+            out.append(row)
+        return out
+
+    def __iter__(self):
+        while self.step < self.steps_per_epoch:
+            ids = self.rows_for_step(self.epoch, self.step)
+            self.step += 1  # before the yield, as in PackedLoader
+            yield self.make_rows(ids)
+        self.epoch, self.step = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "capacity": self.capacity,
+                "items_per_step": self.items_per_step, "world_size": self.world_size,
+                "lengths_sha1": hashlib.sha1(np.asarray(self.lengths, dtype=np.int64).tobytes()).hexdigest()}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("seed", "capacity", "items_per_step", "world_size", "lengths_sha1"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"loader state: {key} was {state.get(key)!r}, now {mine[key]!r}: a resumed run "
+                                 "would not see the examples the saved run would have seen")
+        if not 0 <= state["step"] <= self.steps_per_epoch:
+            raise ValueError(f"loader state: step {state['step']} outside 0..{self.steps_per_epoch}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Micro-batches: packed rows stacked for one forward
 

@@ -47,14 +47,15 @@ class DPOConfig(common.RunFlags):
     lr: float = 5e-7
     lr_schedule: str = "linear"
     warmup_ratio: float = 0.1
-    batch_rows: int = field(default=32, metadata={"help": "packed rows per optimizer step, all ranks"})
-    micro_batch_rows: int = 1
+    batch_pairs: int = field(default=128, metadata={"help": "preference pairs per optimizer step, all ranks "
+                                                            "(packed into as many rows as they need)"})
+    micro_batch_rows: int = field(default=1, metadata={"help": "packed rows per forward/backward on each rank"})
     ref_mode: str = field(default="cached", metadata={"help": "cached (one no-grad pass, on disk) | online"})
     ref_cache_dir: str = field(default="~/.cache/nanotulu/ref_logps", metadata={"help": "reference cache folder"})
     save_every: int = 200
 
 
-EMBEDDED_PRESET = dict(max_seq_len=256, lr=3e-6, beta=5.0, batch_rows=4, save_every=50, epochs=1,
+EMBEDDED_PRESET = dict(max_seq_len=256, lr=3e-6, beta=5.0, batch_pairs=8, save_every=50, epochs=1,
                        ref_cache_dir="runs/ref_cache")
 EMBEDDED_SFT_DIR = "runs/sft"
 
@@ -179,14 +180,24 @@ def pair_logps(model, batch, impl, tp_group=None):
 
 
 def file_fingerprint(directory):
-    """sha256 over config.json and every safetensors file of a model directory (content, not names or times)."""
+    """sha256 naming a model directory's weights without reading them (re-hashing 16 GB per rank on every start of
+    an 8B run was the cost): config.json's content, and for each safetensors file its name, size, modification
+    time (ns) and header (tensor names, dtypes, shapes, offsets and metadata). Rewriting any weight changes the
+    time, so the key changes; a copy that keeps times (cp -p, rsync -t) keeps it; a copy that does not only costs
+    a recomputed reference pass."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(directory)):
-        if name == "config.json" or name.endswith(".safetensors"):
-            h.update(name.encode())
-            with open(os.path.join(directory, name), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
+        path = os.path.join(directory, name)
+        if name == "config.json":
+            with open(path, "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+        elif name.endswith(".safetensors"):
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                head = f.read(8)  # little-endian u64: length of the JSON header that follows
+                n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                header = f.read(min(n, st.st_size))
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode() + head + header)
     return h.hexdigest()
 
 
@@ -376,12 +387,9 @@ def main(argv=None, finish=True):
 
     # --- packed loader of pairs, optimizer, resume ------------------------------------------------------------------
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
-    if cfg.batch_rows % (dp_world * cfg.micro_batch_rows):
-        raise ValueError(f"--batch_rows {cfg.batch_rows} must be a multiple of data-parallel ranks ({dp_world}) x "
-                         f"--micro_batch_rows ({cfg.micro_batch_rows})")
-    loader = data.PackedLoader(pairs, capacity=capacity, rows_per_step=cfg.batch_rows // dp_world, rank=dp_rank,
-                               world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id, length_fn=pair_length,
-                               to_docs=pair_docs)
+    # exactly --batch_pairs pairs per step over all ranks (RECIPE: 128), packed into as many rows as they take
+    loader = data.CountedLoader(pairs, cfg.batch_pairs, capacity, rank=dp_rank, world_size=dp_world, seed=cfg.seed,
+                                pad_id=tok.pad_token_id, length_fn=pair_length, to_docs=pair_docs)
     total_steps = cfg.max_steps or cfg.epochs * len(loader)
     optimizer = common.make_optimizer(model, cfg, device)
     ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, loader, rank, world)
@@ -390,11 +398,13 @@ def main(argv=None, finish=True):
     loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio,
                        label_smoothing=cfg.label_smoothing)
     metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="dpo")
-    speed = common.Speed(device, num_flops_per_token(model.cfg, capacity), cfg.batch_rows * capacity, world)
+    speed = common.Speed(device, num_flops_per_token(model.cfg, capacity), 0, world)
     batches = common.step_batches(loader)
     model.train()
     while step < total_steps:
-        micro = data.micro_batches(next(batches), cfg.micro_batch_rows, device, stack=data.stack_pair_rows)
+        rows = next(batches)
+        speed.tokens = len(rows) * dp_world * capacity  # rows per step vary with the pairs' lengths (padding counted)
+        micro = data.micro_batches(rows, cfg.micro_batch_rows, device, stack=data.stack_pair_rows)
         sums, n_pairs = dpo_backward(model, micro, ref_logps, loss_kwargs, cfg.loss_impl, mesh, use_bf16)
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
         grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
