@@ -440,33 +440,30 @@ def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
     return {"input_ids": input_ids, "labels": labels}
 
 
-def load_sft_dataset(sources, tok, template="tulu", max_len=None, truncate=True, seed=0, add_bos=False):
+def load_sft_dataset(sources, tok, template="tulu", max_len=None, truncate=True, seed=0, add_bos=False, workers=0,
+                     cache_dir=""):
     """sources: list of (path, amount), amount None = all rows (see select_rows) -> (examples, stats).
     examples: list of {"input_ids", "labels", "source", "line"}; examples longer than max_len are truncated
     (truncate=True) or dropped; examples with no trained token left are dropped. Everything dropped or truncated
     is counted in stats: rows_read / rows_selected per file, examples, truncated, dropped_too_long,
     dropped_no_trained_token, tokens, trained_tokens (an example truncated and then left with no trained token
-    counts in both truncated and dropped_no_trained_token). Errors name file:line: field."""
+    counts in both truncated and dropped_no_trained_token). Errors name file:line: field.
+    Each file is tokenized whole, once (tokenize_file: `workers` processes, cached in `cache_dir`); the mix then
+    selects rows, so changing an amount or max_len reuses the cache."""
     stats = {"rows_read": {}, "rows_selected": {}, "examples": 0, "truncated": 0, "dropped_too_long": 0,
              "dropped_no_trained_token": 0, "tokens": 0, "trained_tokens": 0}
     examples = []
+    fn = functools.partial(_sft_row, tok=tok, template=template, add_bos=add_bos)
     for source_index, (path, amount) in enumerate(sources):
-        rows = read_rows(path)
+        lines, tokenized = tokenize_file(path, fn, "sft", tok, template, {"add_bos": add_bos}, workers, cache_dir)
+        done = dict(zip(lines, tokenized))  # line -> example: repeated rows share one
         try:
-            chosen = select_rows(rows, amount, np.random.default_rng([seed, source_index]))
+            chosen = select_rows([(line, None) for line in lines], amount, np.random.default_rng([seed, source_index]))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        stats["rows_read"][path] = len(rows)
+        stats["rows_read"][path] = len(lines)
         stats["rows_selected"][path] = len(chosen)
-        done = {}  # line -> tokenized example or None: repeated rows are tokenized once
-        for line_no, row in chosen:
-            if line_no not in done:
-                if "messages" not in row:
-                    raise ValueError(f"{path}:{line_no}: field 'messages': missing (row has {sorted(row)})")
-                try:
-                    done[line_no] = tokenize_sft(row["messages"], tok, template, add_bos=add_bos)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no}: {e}") from None
+        for line_no, _ in chosen:
             ex = done[line_no]
             ids, labels = ex["input_ids"], ex["labels"]
             if max_len is not None and len(ids) > max_len:
@@ -484,6 +481,114 @@ def load_sft_dataset(sources, tok, template="tulu", max_len=None, truncate=True,
             stats["trained_tokens"] += n_trained
     stats["examples"] = len(examples)
     return examples, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizing a data file once: worker processes, and a cache on disk shared by runs and ranks
+
+TOKENIZE_CACHE_VERSION = "1"  # bump when what tokenize_sft / tokenize_pair produce changes
+
+
+def tokenizer_fingerprint(tok):
+    """A hash naming what a tokenizer produces: its whole tokenizer.json (added <pad> included) and specials."""
+    h = hashlib.sha256()
+    if isinstance(tok, HFTokenizer):
+        h.update(tok._tok.to_str().encode())
+    else:
+        h.update(f"{type(tok).__name__}:{tok.name}".encode())
+    h.update(json.dumps([tok.eos_token, tok.bos_token, tok.pad_token, tok.vocab_size]).encode())
+    return h.hexdigest()
+
+
+def _tokenize_chunk(fn, chunk):
+    """chunk: list of (line, row, where) -> list of (line, result or the ValueError it raised)."""
+    out = []
+    for line_no, row, where in chunk:
+        try:
+            out.append((line_no, fn(row, where)))
+        except ValueError as e:
+            out.append((line_no, e))
+    return out
+
+
+def _read_and_tokenize(path, fn, workers, min_rows_per_worker):
+    rows = read_rows(path)
+    items = [(line_no, row, f"{path}:{line_no}") for line_no, row in rows]
+    n_workers = min(workers, os.cpu_count() or 1, len(items) // max(1, min_rows_per_worker))
+    if n_workers <= 1:
+        done = _tokenize_chunk(fn, items)
+    else:
+        import multiprocessing
+
+        # spawn, not fork: the parent may hold threads (torch, tokenizers) that a fork would copy mid-lock
+        size = -(-len(items) // (n_workers * 8))  # 8 chunks per worker: a slow chunk does not hold the rest up
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        with multiprocessing.get_context("spawn").Pool(n_workers) as pool:
+            done = [x for part in pool.starmap(_tokenize_chunk, [(fn, c) for c in chunks]) for x in part]
+    for line_no, result in done:
+        if isinstance(result, ValueError):
+            raise result
+    return [line_no for line_no, _ in done], [result for _, result in done]
+
+
+def tokenize_file(path, fn, kind, tok, template, settings, workers=0, cache_dir="", min_rows_per_worker=500):
+    """Every row of a data file through fn(row, where) -> (line numbers, results), in file order; `where` is
+    "file:line" for errors. fn must be picklable (a module-level function or a functools.partial of one).
+
+    Tokenized once: in `workers` spawned processes (when the file has at least min_rows_per_worker rows per
+    worker), and with a cache_dir, cached there under a key of the file (absolute path, size, modification time),
+    the tokenizer (tokenizer_fingerprint), the template text, `kind` and `settings` (e.g. max length, truncation):
+    a second run reads it, a changed file or setting misses it. Under torch.distributed rank 0 tokenizes and
+    writes (to a temporary name, then renamed); the other ranks wait for the file and read it, so the cache
+    folder must be shared by all ranks (a node-local folder on a multi-node job would never fill: use shared
+    storage, or cache_dir "" for every rank to tokenize itself)."""
+    import pickle
+    import time
+
+    if not cache_dir:
+        return _read_and_tokenize(path, fn, workers, min_rows_per_worker)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    st = os.stat(path)
+    h = hashlib.sha256()
+    for part in (TOKENIZE_CACHE_VERSION, kind, os.path.abspath(path), str(st.st_size), str(st.st_mtime_ns),
+                 tokenizer_fingerprint(tok), str(template), json.dumps(settings, sort_keys=True)):
+        h.update(part.encode() + b"\0")
+    cache_dir = os.path.expanduser(cache_dir)
+    cache = os.path.join(cache_dir, f"{kind}_{os.path.basename(path)}_{h.hexdigest()[:24]}.pkl")
+    rank = 0
+    try:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    except ImportError:
+        pass
+    if rank != 0:
+        waited = 0
+        while not os.path.isfile(cache):  # rank 0 is writing it (a failure there ends the whole job)
+            time.sleep(0.5)
+            waited += 1
+            if waited == 120:
+                print(f"rank {rank}: waiting for rank 0 to write {cache} (is {cache_dir} shared by all nodes?)")
+    if os.path.isfile(cache):
+        with open(cache, "rb") as f:
+            return pickle.load(f)
+    lines, results = _read_and_tokenize(path, fn, workers, min_rows_per_worker)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        pickle.dump((lines, results), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, cache)
+    return lines, results
+
+
+def _sft_row(row, where, tok, template, add_bos):
+    if "messages" not in row:
+        raise ValueError(f"{where}: field 'messages': missing (row has {sorted(row)})")
+    try:
+        return tokenize_sft(row["messages"], tok, template, add_bos=add_bos)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def format_stats(stats):

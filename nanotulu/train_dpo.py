@@ -11,6 +11,7 @@ computed once, before training, in a no-grad pass, and cached on disk under a ha
 so no reference model is held in memory while training (or --ref_mode online keeps one).
 """
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class DPOConfig(common.RunFlags):
     micro_batch_rows: int = field(default=1, metadata={"help": "packed rows per forward/backward on each rank"})
     ref_mode: str = field(default="cached", metadata={"help": "cached (one no-grad pass, on disk) | online"})
     ref_cache_dir: str = field(default="~/.cache/nanotulu/ref_logps", metadata={"help": "reference cache folder"})
+    tokenize_workers: int = field(default=8, metadata={"help": "processes tokenizing the data (0/1: in-process)"})
+    data_cache_dir: str = field(default="~/.cache/nanotulu/tokenized", metadata={
+        "help": "tokenized-data cache shared by runs and ranks (must be shared by all nodes; '': none)"})
     save_every: int = 200
 
 
@@ -128,22 +132,29 @@ def tokenize_pair(row, tok, template, max_seq_len, truncate, where):
     return out
 
 
-def load_pairs(sources, tok, template, max_seq_len, truncate, seed):
-    """-> (pairs, stats). pairs[i] = {"chosen": doc, "rejected": doc, "id": i}."""
+def _pair_row(row, where, tok, template, max_seq_len, truncate):
+    return tokenize_pair(row, tok, template, max_seq_len, truncate, where)
+
+
+def load_pairs(sources, tok, template, max_seq_len, truncate, seed, workers=0, cache_dir=""):
+    """-> (pairs, stats). pairs[i] = {"chosen": doc, "rejected": doc, "id": i}. Each file is tokenized once
+    (data.tokenize_file: `workers` processes, cached in `cache_dir`), then the mix selects rows."""
     stats = {"rows": 0, "pairs": 0, "truncated": 0, "dropped_too_long": 0}
     pairs = []
+    fn = functools.partial(_pair_row, tok=tok, template=template, max_seq_len=max_seq_len, truncate=truncate)
+    settings = {"max_seq_len": max_seq_len, "truncate": truncate}
     for k, (path, amount) in enumerate(sources):
-        rows = data.read_rows(path)
-        chosen_rows = data.select_rows(rows, amount, np.random.default_rng([seed, k]))
+        lines, tokenized = data.tokenize_file(path, fn, "pairs", tok, template, settings, workers, cache_dir)
+        done = dict(zip(lines, tokenized))
+        chosen_rows = data.select_rows([(line, None) for line in lines], amount, np.random.default_rng([seed, k]))
         stats["rows"] += len(chosen_rows)
-        for line_no, row in chosen_rows:
-            pair = tokenize_pair(row, tok, template, max_seq_len, truncate, f"{path}:{line_no}")
+        for line_no, _ in chosen_rows:
+            pair = done[line_no]
             if pair is None:
                 stats["dropped_too_long"] += 1
                 continue
-            stats["truncated"] += pair.pop("truncated")
-            pair["id"] = len(pairs)
-            pairs.append(pair)
+            stats["truncated"] += pair["truncated"]
+            pairs.append({"chosen": pair["chosen"], "rejected": pair["rejected"], "id": len(pairs)})
     stats["pairs"] = len(pairs)
     return pairs, stats
 
@@ -327,7 +338,8 @@ def embedded_sft_model(rank):
 
 def load_data(cfg, is_embedded, tok, template, rank):
     sources = data.parse_mix(cfg.data) if cfg.data else [(embedded.asset("dpo.jsonl"), None)]
-    pairs, stats = load_pairs(sources, tok, template, cfg.max_seq_len, cfg.truncate, cfg.seed)
+    pairs, stats = load_pairs(sources, tok, template, cfg.max_seq_len, cfg.truncate, cfg.seed, cfg.tokenize_workers,
+                              cfg.data_cache_dir)
     if rank == 0:
         print(f"data: {stats['pairs']} pairs of {stats['rows']} rows; truncated {stats['truncated']}, dropped too "
               f"long {stats['dropped_too_long']}")

@@ -31,6 +31,9 @@ class SFTConfig(common.RunFlags):
     output_dir: str = "runs/sft"
     max_seq_len: int = field(default=4096, metadata={"help": "row capacity in tokens; longer examples truncated"})
     truncate: bool = field(default=True, metadata={"help": "truncate over-long examples (false: drop them)"})
+    tokenize_workers: int = field(default=8, metadata={"help": "processes tokenizing the data (0/1: in-process)"})
+    data_cache_dir: str = field(default="~/.cache/nanotulu/tokenized", metadata={
+        "help": "tokenized-data cache shared by runs and ranks (must be shared by all nodes; '': none)"})
     epochs: int = 2
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: epochs)"})
     lr: float = 5e-6
@@ -70,7 +73,7 @@ def load_data(cfg, is_embedded, tok, template, rank):
     """Tokenized, masked SFT examples of the --data mix (the shipped synthetic set for the embedded default)."""
     sources = data.parse_mix(cfg.data) if cfg.data else [(embedded.asset("sft.jsonl"), None)]
     examples, stats = data.load_sft_dataset(sources, tok, template, cfg.max_seq_len, truncate=cfg.truncate,
-                                            seed=cfg.seed)
+                                            seed=cfg.seed, workers=cfg.tokenize_workers, cache_dir=cfg.data_cache_dir)
     if rank == 0:
         print(f"data: {len(examples)} examples; {data.format_stats(stats)}")
     return examples
