@@ -6,6 +6,7 @@ Kept as plain functions so each train_*.py reads top to bottom."""
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -36,6 +37,8 @@ class RunFlags:
     tp: int = dataclasses.field(default=1, metadata={"help": "tensor-parallel degree"})
     compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile each block"})
     activation_checkpointing: bool = False
+    report_to: str = dataclasses.field(default="jsonl", metadata={"help": "loggers, comma-separated: jsonl (always "
+                                                                         "written), tensorboard, wandb"})
     exit_after_steps: int = dataclasses.field(default=-1, metadata={"help": "testing: exit abruptly after N "
                                                                             "steps (as a kill would)"})
 
@@ -79,6 +82,7 @@ def start(cls, preset, argv, data_kind):
     """Every trainer's first lines: flags (the embedded preset when no --model), torch.distributed, seed.
     Returns (cfg, embedded, rank, world, device, use_bf16)."""
     cfg, given = parse_flags(cls, argv)
+    open_reporters(cfg.report_to, None)  # an unknown logger or a missing package fails before any work
     embedded = not cfg.model
     if embedded:
         cfg = apply_preset(cfg, preset, given)
@@ -167,16 +171,57 @@ def progress(iterable, desc, rank=0, **kw):
                 disable=rank != 0 or os.environ.get("NANOTULU_NO_BAR") == "1", **kw)
 
 
-class Metrics:
-    """One JSON line per step in `path`, and a tqdm progress bar with the latest values (rank 0 only)."""
+REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # logger -> the extra it needs
 
-    def __init__(self, path, total_steps, rank, start_step=0, desc="train"):
+
+def open_reporters(report_to, out_dir, config=None, name=None):
+    """--report_to "jsonl,tensorboard,wandb" -> list of (log(step, row), close()) for the loggers besides the JSONL
+    file (always written). out_dir None only checks the names and that the packages import. TensorBoard writes
+    out_dir/tensorboard; W&B logs to project $WANDB_PROJECT (default nanotulu), offline with WANDB_MODE=offline."""
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    for n in names:
+        if n not in REPORTERS:
+            raise ValueError(f"--report_to {report_to!r}: unknown logger {n!r} (expected {', '.join(REPORTERS)})")
+    modules = {}
+    for n in names:
+        if REPORTERS[n] is None:
+            continue
+        try:
+            modules[n] = importlib.import_module("torch.utils.tensorboard" if n == "tensorboard" else n)
+        except ImportError as e:
+            raise ImportError(f"--report_to {n}: the {n} package is not installed (pip install "
+                              f"'nanotulu[{REPORTERS[n]}]')") from e
+    sinks = []
+    if out_dir is None:
+        return sinks
+
+    def scalars(row):
+        return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+    if "tensorboard" in names:
+        writer = modules["tensorboard"].SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        sinks.append((lambda step, row: [writer.add_scalar(k, v, step) for k, v in scalars(row).items()],
+                      writer.close))
+    if "wandb" in names:
+        run = modules["wandb"].init(project=os.environ.get("WANDB_PROJECT", "nanotulu"), name=name, dir=out_dir,
+                                    config=config)
+        sinks.append((lambda step, row: run.log(scalars(row), step=step), run.finish))
+    return sinks
+
+
+class Metrics:
+    """One JSON line per step in `path`, and a tqdm progress bar with the latest values (rank 0 only); with
+    report_to, the same rows go to TensorBoard and/or Weights & Biases too (open_reporters)."""
+
+    def __init__(self, path, total_steps, rank, start_step=0, desc="train", report_to="jsonl", config=None):
         from tqdm import tqdm
 
         self.rank = rank
         self.file = None
         self.bar = None
+        self.sinks = []
         if rank == 0:
+            self.sinks = open_reporters(report_to, os.path.dirname(os.path.abspath(path)), config, desc)
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.file = open(path, "a")
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
@@ -188,10 +233,14 @@ class Metrics:
         row = {"step": step, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in values.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        for log, _ in self.sinks:
+            log(step, row)
         self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row}, refresh=False)
         self.bar.update(1)
 
     def close(self):
+        for _, close in self.sinks:
+            close()
         if self.rank == 0:
             self.bar.close()
             self.file.close()

@@ -409,7 +409,8 @@ def main(argv=None, finish=True):
     # --- training ---------------------------------------------------------------------------------------------------
     loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio,
                        label_smoothing=cfg.label_smoothing)
-    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="dpo")
+    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="dpo",
+                             report_to=cfg.report_to, config=vars(cfg))
     speed = common.Speed(device, num_flops_per_token(model.cfg, capacity), 0, world)
     batches = common.step_batches(loader)
     model.train()

@@ -360,7 +360,8 @@ def main(argv=None, finish=True):
     os.makedirs(cfg.output_dir, exist_ok=True)
     if step == 0:
         held_out(model, tok, eval_rows, cfg, template, rank, 0)
-    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), cfg.steps, rank, step, desc="rlvr")
+    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), cfg.steps, rank, step, desc="rlvr",
+                             report_to=cfg.report_to, config=vars(cfg))
     gen_seed = torch.Generator(device=device)
     while step < cfg.steps:
         t0 = time.perf_counter()

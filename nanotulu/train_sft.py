@@ -108,7 +108,8 @@ def main(argv=None, finish=True):
     ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, loader, rank, world)
 
     # --- training: one optimizer step per loader step ---------------------------------------------------------------
-    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="sft")
+    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="sft",
+                             report_to=cfg.report_to, config=vars(cfg))
     tokens_per_step = cfg.batch_rows * cfg.max_seq_len  # row capacity, padding included (packing wastes ~1%)
     speed = common.Speed(device, num_flops_per_token(model.cfg, cfg.max_seq_len), tokens_per_step, world)
     batches = common.step_batches(loader)
