@@ -817,6 +817,15 @@ class CountedLoader:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
 
+def held_out_rows(examples, capacity, rank, world_size, pad_id, length_fn=sft_length, to_docs=sft_docs):
+    """Every held-out example exactly once, packed into rows and split over the data-parallel ranks, each rank
+    with the same number of rows (a CountedLoader step holding all of them) -> this rank's rows (make_row dicts
+    with "example_ids")."""
+    loader = CountedLoader(examples, len(examples), capacity, rank=rank, world_size=world_size, pad_id=pad_id,
+                           length_fn=length_fn, to_docs=to_docs)
+    return loader.make_rows(loader.rows_for_step(0, 0))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Micro-batches: packed rows stacked for one forward
 

@@ -14,6 +14,7 @@ so no reference model is held in memory while training (or --ref_mode online kee
 import functools
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,10 @@ class DPOConfig(common.RunFlags):
     ref_model: str = field(default="", metadata={"help": "reference model directory; empty: --model"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer directory or 'byte'; empty: the model's"})
     data: str = field(default="", metadata={"help": "mix 'file[:amount],...' of chosen/rejected rows"})
+    eval_data: str = field(default="", metadata={"help": "held-out mix, as --data: reward accuracy and margin "
+                                                         "logged as eval/..."})
+    eval_every: int = field(default=0, metadata={"help": "held-out metrics every N steps and at the end (0: at "
+                                                         "the end)"})
     template: str = field(default="", metadata={"help": TEMPLATE_HELP_OWN})
     output_dir: str = "runs/dpo"
     loss_type: str = field(default="dpo_norm", metadata={"help": "dpo | dpo_norm | simpo | ipo"})
@@ -336,41 +341,73 @@ def embedded_sft_model(rank):
     return model_dir
 
 
-def load_data(cfg, is_embedded, tok, template, rank):
-    sources = data.parse_mix(cfg.data) if cfg.data else [(embedded.asset("dpo.jsonl"), None)]
+def load_data(cfg, is_embedded, tok, template, rank, mix=None):
+    """Preference pairs of the --data mix (the shipped synthetic set for the embedded default), or of `mix`."""
+    sources = data.parse_mix(mix or cfg.data) if (mix or cfg.data) else [(embedded.asset("dpo.jsonl"), None)]
     pairs, stats = load_pairs(sources, tok, template, cfg.max_seq_len, cfg.truncate, cfg.seed, cfg.tokenize_workers,
                               cfg.data_cache_dir)
     if rank == 0:
-        print(f"data: {stats['pairs']} pairs of {stats['rows']} rows; truncated {stats['truncated']}, dropped too "
+        print(f"{'held-out ' if mix else ''}data: {stats['pairs']} pairs of {stats['rows']} rows; truncated {stats['truncated']}, dropped too "
               f"long {stats['dropped_too_long']}")
     if not pairs:
         raise ValueError("no preference pairs left to train on")
     return pairs
 
 
-def reference(cfg, ref_dir, pairs, template, tok, load_placed, mesh, device, use_bf16, rank, world):
+def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device, use_bf16, rank, world):
     """The reference side of the loss, before the policy exists (the two are never in memory together):
-    -> (ref_model, ref_table): the frozen model for --ref_mode online, else the (P, 2) table of cached reference
-    log-likelihoods (computed in one no-grad pass on a cache miss); (None, None) for simpo."""
+    -> (ref_model, ref_tables): the frozen model for --ref_mode online, else for each list of pairs in pair_sets
+    (training pairs, held-out pairs) the (P, 2) table of cached reference log-likelihoods (computed in one no-grad
+    pass on a cache miss, the reference model loaded at most once); (None, None) for simpo."""
     if cfg.loss_type == "simpo":
-        return None, None
+        return None, [None] * len(pair_sets)
     if cfg.ref_mode == "online":
         ref_model = load_placed(ref_dir).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-        return ref_model, None
-    hashes = pair_hashes(pairs)
-    key = ref_cache_key(file_fingerprint(ref_dir), hashes, cfg.max_seq_len, cfg.loss_type, template)
+        return ref_model, [None] * len(pair_sets)
+    fingerprint = file_fingerprint(ref_dir)
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
+    loaded = []
+    tables = []
+    for pairs in pair_sets:
+        if not pairs:  # no held-out set
+            tables.append(None)
+            continue
+        hashes = pair_hashes(pairs)
+        key = ref_cache_key(fingerprint, hashes, cfg.max_seq_len, cfg.loss_type, template)
 
-    def compute():
-        ref = load_placed(ref_dir)
-        return compute_ref_logps(ref, pairs, 2 * cfg.max_seq_len, tok.pad_token_id, device, cfg.loss_impl, dp_rank,
-                                 dp_world, cfg.micro_batch_rows, common.tp_group(mesh), common.dp_group(mesh),
-                                 use_bf16)
+        def compute(pairs=pairs):
+            if not loaded:
+                loaded.append(load_placed(ref_dir))
+            return compute_ref_logps(loaded[0], pairs, 2 * cfg.max_seq_len, tok.pad_token_id, device, cfg.loss_impl,
+                                     dp_rank, dp_world, cfg.micro_batch_rows, common.tp_group(mesh),
+                                     common.dp_group(mesh), use_bf16)
 
-    table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank)
-    return None, table.to(device)
+        table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank)
+        tables.append(table.to(device))
+    loaded.clear()  # the reference model is freed before the policy is loaded
+    return None, tables
+
+
+@torch.no_grad()
+def held_out_metrics(model, rows, ref_logps, loss_kwargs, micro_batch_rows, device, impl="auto", mesh=None,
+                     use_bf16=False):
+    """Held-out preference metrics over the rows of every data-parallel rank (data.held_out_rows): mean loss,
+    reward accuracy and reward margin, keyed eval/... . ref_logps(micro) as in dpo_backward."""
+    sums = torch.zeros(4, device=device)  # loss, accurate pairs, margin, pairs
+    for m in data.micro_batches(rows, micro_batch_rows, device, stack=data.stack_pair_rows):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            pi, counts = pair_logps(model, m, impl, common.tp_group(mesh))
+        pi = pi.float()
+        ref = ref_logps(m)
+        ref = torch.zeros_like(pi) if ref is None else ref
+        losses_, rc, rr = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1], **loss_kwargs)
+        sums += torch.stack([losses_.sum(), (rc > rr).float().sum(), (rc - rr).sum(),
+                             torch.tensor(float(len(losses_)), device=device)])
+    sums = common.all_reduce_sum(sums, common.dp_group(mesh))
+    n = sums[3].clamp(min=1)
+    return {"eval/loss": sums[0] / n, "eval/rewards/accuracy": sums[1] / n, "eval/rewards/margin": sums[2] / n}
 
 
 def main(argv=None, finish=True):
@@ -380,6 +417,7 @@ def main(argv=None, finish=True):
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     model_dir = embedded_sft_model(rank) if is_embedded else cfg.model
     pairs = load_data(cfg, is_embedded, tok, template, rank)
+    eval_pairs = load_data(cfg, is_embedded, tok, template, rank, mix=cfg.eval_data) if cfg.eval_data else []
     capacity = 2 * cfg.max_seq_len  # a row holds at least one whole pair
     mesh = common.make_mesh(cfg, world, device)
 
@@ -387,15 +425,16 @@ def main(argv=None, finish=True):
         return common.place(common.load_model(path, tok, device, cfg), mesh, cfg, use_bf16, seq_len=capacity)
 
     # --- reference log-probs, then the policy -----------------------------------------------------------------------
-    ref_model, ref_table = reference(cfg, cfg.ref_model or model_dir, pairs, template, tok, load_placed, mesh, device,
-                                     use_bf16, rank, world)
+    ref_model, (ref_table, eval_ref_table) = reference(cfg, cfg.ref_model or model_dir, [pairs, eval_pairs], template,
+                                                       tok, load_placed, mesh, device, use_bf16, rank, world)
     model = load_placed(model_dir)
 
-    def ref_logps(m):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
+    def ref_logps(m, table=None):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
+        table = ref_table if table is None else table
         if ref_model is not None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 return pair_logps(ref_model, m, cfg.loss_impl, common.tp_group(mesh))[0].float()
-        return None if ref_table is None else ref_table[m["pair_ids"]]
+        return None if table is None else table[m["pair_ids"]]
 
     # --- packed loader of pairs, optimizer, resume ------------------------------------------------------------------
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
@@ -403,6 +442,8 @@ def main(argv=None, finish=True):
     loader = data.CountedLoader(pairs, cfg.batch_pairs, capacity, rank=dp_rank, world_size=dp_world, seed=cfg.seed,
                                 pad_id=tok.pad_token_id, length_fn=pair_length, to_docs=pair_docs)
     total_steps = cfg.max_steps or cfg.epochs * len(loader)
+    eval_rows = data.held_out_rows(eval_pairs, capacity, dp_rank, dp_world, tok.pad_token_id, pair_length,
+                                   pair_docs) if eval_pairs else None
     optimizer = common.make_optimizer(model, cfg, device)
     ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, loader, rank, world)
 
@@ -425,9 +466,13 @@ def main(argv=None, finish=True):
         mean = dict(zip(DPO_SUMS, common.all_reduce_sum(sums, common.dp_group(mesh)) / n_pairs))
         common.exit_if_asked(cfg, step)
         mean.pop("answer_tokens")
-        metrics.log(step, {**mean, "rewards/margin": mean["rewards/chosen"] - mean["rewards/rejected"], "lr": lr,
-                           "grad_norm": grad_norm, "pairs": n_pairs, **speed.tick()},
-                    show=("loss", "rewards/accuracy", "rewards/margin", "tok/s"))
+        row = {**mean, "rewards/margin": mean["rewards/chosen"] - mean["rewards/rejected"], "lr": lr,
+               "grad_norm": grad_norm, "pairs": n_pairs, **speed.tick()}
+        if eval_rows is not None and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            row.update(held_out_metrics(model, eval_rows, lambda m: ref_logps(m, eval_ref_table), loss_kwargs,
+                                        cfg.micro_batch_rows, device, cfg.loss_impl, mesh, use_bf16))
+            speed.t = time.perf_counter()  # the evaluation is not training time
+        metrics.log(step, row, show=("loss", "rewards/accuracy", "rewards/margin", "eval/rewards/accuracy", "tok/s"))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
     metrics.close()
