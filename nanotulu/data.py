@@ -404,7 +404,38 @@ def jinja_template(template):
 # SFT tokenization with assistant-only labels
 
 
-def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
+def _eos_splits_exactly(tok):
+    """Whether the tokenizer cuts its text at every spelled EOS token before anything else runs, so that
+    encode(a + eos + b) == encode(a + eos) + encode(eos + b)[1:] (an added token matched verbatim: not normalized, no
+    lstrip/rstrip). True for ByteTokenizer and the special tokens of usual tokenizer.json files."""
+    if not isinstance(tok, HFTokenizer):
+        return isinstance(tok, ByteTokenizer)
+    added = tok._tok.get_added_tokens_decoder().get(tok.eos_token_id)
+    return added is not None and not (added.normalized or added.lstrip or added.rstrip or added.single_word)
+
+
+def _prefix_counter(tok, text, ids):
+    """-> n(b) = len(tok.encode(text[:b])) without encoding the whole prefix again (which made multi-turn masks
+    cost O(turns^2) encodes): the tokens up to the last EOS before b are read off `ids` (tok.encode(text): an
+    exactly split EOS ends a token run that a later text cannot change), and only the rest is encoded, behind that
+    EOS so that what follows it tokenizes as it does in place. None when the tokenizer offers no such split."""
+    eos, eos_id = tok.eos_token, tok.eos_token_id
+    eos_at = [i for i, t in enumerate(ids) if t == eos_id]  # token index of each EOS, in text order
+    if not _eos_splits_exactly(tok) or len(eos_at) != text.count(eos):
+        return None
+
+    def n(b):
+        e = text.rfind(eos, 0, b)
+        if e < 0:
+            return len(tok.encode(text[:b]))
+        end = e + len(eos)
+        k = eos_at[text.count(eos, 0, end) - 1]  # ids[k] is that EOS: k + 1 tokens up to it
+        return k + len(tok.encode(text[e:b]))  # encode(eos + rest) starts with the EOS again
+
+    return n
+
+
+def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False, incremental=True):
     """messages -> {"input_ids": list[int], "labels": list[int]}, labels = input_ids with -100 on every token that
     is not part of an assistant answer (RECIPE: for each non-assistant message i, the span from
     len(tokens(render(msgs[:i]))) to len(tokens(render(msgs[:i+1], add_generation_prompt=next is assistant))) is
@@ -412,6 +443,9 @@ def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
     is trained; with "tulu" the prefix render msgs[:i] is taken as it appears inside the conversation, i.e. with
     that '\\n', while a Jinja template is used as it renders, as HF does).
     add_bos prepends the BOS token text (masked). max_len truncates both lists.
+    incremental (with "tulu", whose prefix renders are prefixes of the whole text): prefix token counts from the
+    whole encoding plus one encode of the text since the last EOS (_prefix_counter); the same counts, checked
+    against incremental=False (every prefix encoded whole) in tests/test_data.py.
     Raises ValueError naming the field for malformed messages or a template that fails."""
     validate_messages(messages)
     template = default_template(tok) if template is None else template
@@ -423,9 +457,14 @@ def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
             # Within the whole conversation this answer is not the last message, so the template follows its EOS
             # with "\n": count it as part of the answer (RECIPE: trained), not of the next message's span.
             text += "\n"
-        return len(tok.encode(prefix + text))
+        text = prefix + text
+        if counter is not None and full.startswith(text):
+            return counter(len(text))
+        return len(tok.encode(text))
 
-    input_ids = tok.encode(prefix + render_chat(messages, template, tok.eos_token, False, tok.bos_token))
+    full = prefix + render_chat(messages, template, tok.eos_token, False, tok.bos_token)
+    input_ids = tok.encode(full)
+    counter = _prefix_counter(tok, full, input_ids) if incremental and template == "tulu" else None
     labels = list(input_ids)
     for i, m in enumerate(messages):
         if m["role"] == "assistant":

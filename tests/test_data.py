@@ -408,3 +408,59 @@ def test_tokenized_cache_hit_miss_and_other_ranks(tmp_path, monkeypatch):
     hf = load_tokenizer(make_hf_dir(tmp_path / "tok"))
     load_sft_dataset([(path, 0.5)], hf, "tulu", max_len=40, cache_dir=cache)
     assert len(calls) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Incremental prefix counts: the masks of every prefix encoded whole, at O(turns) cost
+
+
+def tricky_chats(seed=0, n=60):
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["Hello", " world", "2+2?", "  ", "\n", "é✓", "</s>", "<|user|>", "x ", " .", "?\n\n", "<s>", "4", "\t"]
+    chats = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": "".join(rng.choices(pieces, k=rng.randint(0, 4)))}] if rng.random() < 0.5 else []
+        for t in range(rng.randint(1, 4)):
+            for role in ("user", "assistant"):
+                msgs.append({"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(0, 6)))})
+            if rng.random() < 0.2:
+                msgs.append({"role": "system", "content": "".join(rng.choices(pieces, k=rng.randint(1, 3)))})
+        if rng.random() < 0.3:
+            msgs.append({"role": "user", "content": "last"})
+        chats.append(msgs)
+    return chats
+
+
+def other_tokenizer_dirs(root):
+    """Pre-tokenizer styles that treat a text's start or whitespace runs specially: GPT-2 style ByteLevel with a
+    prefix space, and Metaspace (sentencepiece style, prepending '▁' to the first piece only)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    dirs = []
+    for name, pre, dec in (("prefix_space", pre_tokenizers.ByteLevel(add_prefix_space=True), decoders.ByteLevel()),
+                           ("metaspace", pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace())):
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer, tok.decoder = pre, dec
+        alphabet = pre_tokenizers.ByteLevel.alphabet() if name == "prefix_space" else list("▁abcdefghijklmnopqrstuvwxyz")
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                      initial_alphabet=alphabet)
+        tok.train_from_iterator(CORPUS, trainer)
+        d = root / name
+        d.mkdir()
+        tok.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+        dirs.append(str(d))
+    return dirs
+
+
+def test_incremental_masks_equal_whole_prefix_encodes(hf_dir, tmp_path):
+    toks = [ByteTokenizer(), load_tokenizer(hf_dir)] + [load_tokenizer(d) for d in other_tokenizer_dirs(tmp_path)]
+    chats = tricky_chats() + [MULTI_TURN]
+    for tok in toks:
+        for msgs in chats:
+            for add_bos in (False, True):
+                fast = tokenize_sft(msgs, tok, "tulu", add_bos=add_bos)
+                slow = tokenize_sft(msgs, tok, "tulu", add_bos=add_bos, incremental=False)
+                assert fast == slow, (tok.name, msgs, add_bos)
