@@ -570,7 +570,7 @@ def _read_and_tokenize(path, fn, workers, min_rows_per_worker):
     return [line_no for line_no, _ in done], [result for _, result in done]
 
 
-def tokenize_file(path, fn, kind, tok, template, settings, workers=0, cache_dir="", min_rows_per_worker=500):
+def tokenize_file(path, fn, kind, tok, template, settings, workers=0, cache_dir="", min_rows_per_worker=2000):
     """Every row of a data file through fn(row, where) -> (line numbers, results), in file order; `where` is
     "file:line" for errors. fn must be picklable (a module-level function or a functools.partial of one).
 

@@ -105,3 +105,26 @@ def test_dpo_run_logs_batch_pairs_every_step(tmp_path):
                     "--ref_cache_dir", str(tmp_path / "cache")], env=env, check=True, capture_output=True, timeout=300)
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["pairs"] for r in logged] == [6.0] * 3
+
+
+def test_an_all_padding_row_adds_nothing():
+    """A rank short of rows runs an all-padding row (no pair): the step's gradient is that of the real rows alone."""
+    from test_dpo import make_pairs, packed_batch
+
+    from nanotulu.train_dpo import dpo_backward
+
+    tok, pairs = make_pairs(3)
+    model = build_model(TINY, seed=2)
+    ref = torch.randn(len(pairs), 2) * 5 - 60
+    kw = dict(loss_type="dpo_norm", beta=5.0)
+    batch = packed_batch(tok, pairs, capacity=384)
+    dpo_backward(model, [batch], lambda m: ref[m["pair_ids"]], kw, impl="torch")
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    empty = data.make_row([], 384, tok.pad_token_id)
+    empty["example_ids"] = []
+    sums, n_pairs = dpo_backward(model, [data.stack_pair_rows([empty], "cpu"), batch], lambda m: ref[m["pair_ids"]],
+                                 kw, impl="torch")
+    assert n_pairs.item() == 3
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-6, atol=1e-8, msg=n)
