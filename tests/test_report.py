@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -42,11 +43,11 @@ def test_tensorboard_gets_every_scalar(tmp_path):
 def wandb_history(path):
     """The history rows of an offline .wandb file: W&B's record log (a LevelDB-style log of 32 KiB blocks, each
     record chunk behind a 7-byte header: crc 4, length 2, type 1 = full / 2 first / 3 middle / 4 last, after a
-    7-byte file header) of wandb_internal_pb2.Record protobufs."""
+    7-byte file header) of wandb_internal_pb2.Record protobufs; None until the run's exit record is on disk."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     b = open(path, "rb").read()
-    pos, chunk, rows = 7, b"", []
+    pos, chunk, rows, finished = 7, b"", [], False
     while pos + 7 <= len(b):
         if 32768 - pos % 32768 < 7:  # a block tail too short for a header is padding
             pos += 32768 - pos % 32768
@@ -60,10 +61,11 @@ def wandb_history(path):
             record = pb.Record()
             record.ParseFromString(chunk)
             chunk = b""
+            finished = finished or record.WhichOneof("record_type") == "exit"
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+    return rows if finished else None
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
@@ -73,7 +75,11 @@ def test_wandb_offline(tmp_path, monkeypatch):
     log_rows(str(tmp_path), "jsonl,wandb")
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
     assert len(runs) == 1
-    history = wandb_history(runs[0])
+    for _ in range(120):  # W&B's own process may still be writing after finish() returns
+        history = wandb_history(runs[0])
+        if history is not None:
+            break
+        time.sleep(0.5)
     assert [h["_step"] for h in history] == [1, 2, 3]
     for h, row in zip(history, ROWS):
         assert {k: h[k] for k in ("loss", "lr", "tok/s")} == {k: row[k] for k in ("loss", "lr", "tok/s")}
