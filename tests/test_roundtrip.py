@@ -151,3 +151,19 @@ def test_transformers_generate_equals_nanotulu_eval_and_generate(exported, tmp_p
         sample = results["samples"][k]
         assert sample["prompt_tokens"] == ids.shape[1] and sample["new_tokens"] == len(want)
         assert sample["response"] == hf_tok.decode(want, skip_special_tokens=True)
+
+
+def test_eval_and_generate_refuse_bad_templates_before_loading(exported, tmp_path):
+    from nanotulu import eval as nt_eval
+    from nanotulu import generate as nt_generate
+
+    _, final = exported
+    rlvr = tmp_path / "r.jsonl"
+    rlvr.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "ground_truth": "x",
+                                "dataset": "string_match"}) + "\n")
+    with pytest.raises(SystemExit, match="--template hf: the tokenizer 'byte' has no chat_template"):
+        nt_eval.main(["--model", final, "--tokenizer", "byte", "--data", str(rlvr), "--template", "hf"])
+    with pytest.raises(SystemExit, match="--template 'vicuna': expected"):
+        nt_eval.main(["--model", final, "--data", str(rlvr), "--template", "vicuna"])
+    with pytest.raises(SystemExit, match="--template 'vicuna': expected"):
+        nt_generate.main(["--model", final, "--prompt", "hi", "--template", "vicuna"])
