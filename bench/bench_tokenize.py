@@ -89,9 +89,9 @@ def main():
             print(f"{name:<50} {seconds:8.2f} s  ({args.rows / seconds:9.0f} rows/s)", flush=True)
         data.tokenize_sft = whole
         assert all(r == results[0] for r in results)
+        mib = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache)) / 2**20
         print(f"{args.rows} rows of {1 + 2 * args.turns} messages, {stats['tokens'] / args.rows:.0f} tokens per row "
-              f"({args.tokenizer}), cache {sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache)) / 2**20:.0f} MiB, "
-              f"{os.cpu_count()} CPU cores")
+              f"({args.tokenizer}), cache {mib:.0f} MiB, {os.cpu_count()} CPU cores")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ Rows are RLVR rows (RECIPE.md): `messages` (a final assistant turn is the refere
 prompt), `ground_truth`, and `dataset`, which names the verifier of nanotulu.rewards (gsm8k, math, ifeval,
 string_match, or a list of them); without nanotulu.rewards, answers are scored by exact match of stripped strings.
 Prompts are rendered with the checkpoint's chat template (its tokenizer's own, which a nanotulu export sets to the
-template trained with; else "tulu"; --template tulu | hf | a Jinja file overrides it), generated greedily by default with
-nanotulu.generate in batches of similar length, and the score of a data set is the mean verifier score.
+template trained with; else "tulu"; --template tulu | hf | a Jinja file overrides it), generated greedily by default
+with nanotulu.generate in batches of similar length, and the score of a data set is the mean verifier score.
 
 `evaluate(model, tok, rows, ...)` is the same thing as a function, for the train scripts: under torch.distributed
 each rank generates its share of the rows (the FSDP weights are gathered once for the whole evaluation) and every

@@ -347,7 +347,8 @@ def load_data(cfg, is_embedded, tok, template, rank, mix=None):
     pairs, stats = load_pairs(sources, tok, template, cfg.max_seq_len, cfg.truncate, cfg.seed, cfg.tokenize_workers,
                               cfg.data_cache_dir)
     if rank == 0:
-        print(f"{'held-out ' if mix else ''}data: {stats['pairs']} pairs of {stats['rows']} rows; truncated {stats['truncated']}, dropped too "
+        print(f"{'held-out ' if mix else ''}data: {stats['pairs']} pairs of {stats['rows']} rows; truncated "
+              f"{stats['truncated']}, dropped too "
               f"long {stats['dropped_too_long']}")
     if not pairs:
         raise ValueError("no preference pairs left to train on")

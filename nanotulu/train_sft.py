@@ -144,7 +144,8 @@ def main(argv=None, finish=True):
         step += 1
         loss = common.all_reduce_sum(loss_sum, common.dp_group(mesh)) / n_tokens.clamp(min=1)
         common.exit_if_asked(cfg, step)
-        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "epoch": loader.epoch, **speed.tick()}
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "epoch": loader.epoch,
+               **speed.tick()}
         if eval_rows is not None and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             row["eval/loss"] = held_out_loss(model, eval_rows, cfg.micro_batch_rows, device, cfg.loss_impl, mesh,
                                              use_bf16)

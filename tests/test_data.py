@@ -404,7 +404,8 @@ def test_tokenized_cache_hit_miss_and_other_ranks(tmp_path, monkeypatch):
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
     changed, _ = load_sft_dataset([(path, 0.5)], tok, "tulu", max_len=40, cache_dir=cache)
     assert len(calls) == 3 and changed != first
-    assert tok.decode(changed[0]["input_ids"]).startswith("<|system|>\nS") and "!" in tok.decode(changed[0]["input_ids"])
+    text = tok.decode(changed[0]["input_ids"])
+    assert text.startswith("<|system|>\nS") and "!" in text
     hf = load_tokenizer(make_hf_dir(tmp_path / "tok"))
     load_sft_dataset([(path, 0.5)], hf, "tulu", max_len=40, cache_dir=cache)
     assert len(calls) == 4
@@ -421,7 +422,9 @@ def tricky_chats(seed=0, n=60):
     pieces = ["Hello", " world", "2+2?", "  ", "\n", "é✓", "</s>", "<|user|>", "x ", " .", "?\n\n", "<s>", "4", "\t"]
     chats = []
     for _ in range(n):
-        msgs = [{"role": "system", "content": "".join(rng.choices(pieces, k=rng.randint(0, 4)))}] if rng.random() < 0.5 else []
+        msgs = []
+        if rng.random() < 0.5:
+            msgs.append({"role": "system", "content": "".join(rng.choices(pieces, k=rng.randint(0, 4)))})
         for t in range(rng.randint(1, 4)):
             for role in ("user", "assistant"):
                 msgs.append({"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(0, 6)))})
@@ -443,7 +446,8 @@ def other_tokenizer_dirs(root):
                            ("metaspace", pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace())):
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer, tok.decoder = pre, dec
-        alphabet = pre_tokenizers.ByteLevel.alphabet() if name == "prefix_space" else list("▁abcdefghijklmnopqrstuvwxyz")
+        alphabet = (pre_tokenizers.ByteLevel.alphabet() if name == "prefix_space"
+                    else list("▁abcdefghijklmnopqrstuvwxyz"))
         trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
                                       initial_alphabet=alphabet)
         tok.train_from_iterator(CORPUS, trainer)
