@@ -6,6 +6,7 @@
 - full_state_dict / save_hf: the whole model gathered from its shards, written as an HF checkpoint by rank 0.
 """
 
+import json
 import os
 import random
 import shutil
@@ -144,14 +145,22 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_hf(model, out_dir, tok_dir=None, rank=0):
-    """Final Hugging Face checkpoint (gathered from shards), plus the tokenizer files when there are any."""
+def save_hf(model, out_dir, tok=None, template="tulu", rank=0):
+    """Final Hugging Face checkpoint (gathered from shards). With an HF tokenizer (data.HFTokenizer), also its files
+    as training used them: tokenizer.json with any <pad> added, tokenizer_config.json holding `template` (the chat
+    template trained with, as Jinja) and the eos/bos/pad tokens; config.json and generation_config.json name the
+    same token ids, so transformers' generate stops where nanotulu's does."""
     sd = full_state_dict(model)
     if rank == 0:
         model.save_pretrained(out_dir, state_dict=sd)
-        if tok_dir:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                if os.path.isfile(os.path.join(tok_dir, name)):
-                    shutil.copy(os.path.join(tok_dir, name), os.path.join(out_dir, name))
+        if tok is not None and hasattr(tok, "save"):
+            tok.save(out_dir, template)
+            ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+            config_path = os.path.join(out_dir, "config.json")
+            with open(config_path) as f:
+                config = json.load(f)
+            with open(config_path, "w") as f:
+                json.dump({**config, **ids}, f, indent=2)
+            with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+                json.dump(ids, f, indent=2)
     barrier()
-

@@ -6,6 +6,7 @@ Kept as plain functions so each train_*.py reads top to bottom."""
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -45,6 +46,8 @@ class RunFlags:
     fused_adamw: str = dataclasses.field(default="auto", metadata={"help": "fused AdamW kernel: auto (on CUDA) | "
                                                                            "true | false"})
     activation_checkpointing: bool = False
+    report_to: str = dataclasses.field(default="jsonl", metadata={"help": "loggers, comma-separated: jsonl (always "
+                                                                         "written), tensorboard, wandb"})
     exit_after_steps: int = dataclasses.field(default=-1, metadata={"help": "testing: exit abruptly after N "
                                                                             "steps (as a kill would)"})
 
@@ -116,6 +119,7 @@ def start(cls, preset, argv, data_kind):
     checked, torch.distributed, the run directory claimed (lock, saved flags: open_run_dir), seed.
     Returns (cfg, embedded, rank, world, device, use_bf16)."""
     cfg = resolve_flags(cls, preset, argv)
+    open_reporters(cfg.report_to, None)  # an unknown logger or a missing package fails before any work
     embedded = not cfg.model
     if embedded and torch.get_num_threads() != EMBEDDED_THREADS and not torch.cuda.is_available():
         torch.set_num_threads(EMBEDDED_THREADS)  # the embedded results depend on it (see EMBEDDED_THREADS)
@@ -387,16 +391,57 @@ def progress(iterable, desc, rank=0, **kw):
                 disable=rank != 0 or os.environ.get("NANOTULU_NO_BAR") == "1", **kw)
 
 
-class Metrics:
-    """One JSON line per step in `path`, and a tqdm progress bar with the latest values (rank 0 only)."""
+REPORTERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # logger -> the extra it needs
 
-    def __init__(self, path, total_steps, rank, start_step=0, desc="train"):
+
+def open_reporters(report_to, out_dir, config=None, name=None):
+    """--report_to "jsonl,tensorboard,wandb" -> list of (log(step, row), close()) for the loggers besides the JSONL
+    file (always written). out_dir None only checks the names and that the packages import. TensorBoard writes
+    out_dir/tensorboard; W&B logs to project $WANDB_PROJECT (default nanotulu), offline with WANDB_MODE=offline."""
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    for n in names:
+        if n not in REPORTERS:
+            raise ValueError(f"--report_to {report_to!r}: unknown logger {n!r} (expected {', '.join(REPORTERS)})")
+    modules = {}
+    for n in names:
+        if REPORTERS[n] is None:
+            continue
+        try:
+            modules[n] = importlib.import_module("torch.utils.tensorboard" if n == "tensorboard" else n)
+        except ImportError as e:
+            raise ImportError(f"--report_to {n}: the {n} package is not installed (pip install "
+                              f"'nanotulu[{REPORTERS[n]}]')") from e
+    sinks = []
+    if out_dir is None:
+        return sinks
+
+    def scalars(row):
+        return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+    if "tensorboard" in names:
+        writer = modules["tensorboard"].SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        sinks.append((lambda step, row: [writer.add_scalar(k, v, step) for k, v in scalars(row).items()],
+                      writer.close))
+    if "wandb" in names:
+        run = modules["wandb"].init(project=os.environ.get("WANDB_PROJECT", "nanotulu"), name=name, dir=out_dir,
+                                    config=config)
+        sinks.append((lambda step, row: run.log(scalars(row), step=step), run.finish))
+    return sinks
+
+
+class Metrics:
+    """One JSON line per step in `path`, and a tqdm progress bar with the latest values (rank 0 only); with
+    report_to, the same rows go to TensorBoard and/or Weights & Biases too (open_reporters)."""
+
+    def __init__(self, path, total_steps, rank, start_step=0, desc="train", report_to="jsonl", config=None):
         from tqdm import tqdm
 
         self.rank = rank
         self.file = None
         self.bar = None
+        self.sinks = []
         if rank == 0:
+            self.sinks = open_reporters(report_to, os.path.dirname(os.path.abspath(path)), config, desc)
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             truncate_jsonl(path, start_step)  # rows of the steps after the checkpoint are replayed: replaced
             self.file = open(path, "a")
@@ -409,10 +454,14 @@ class Metrics:
         row = {"step": step, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in values.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        for log, _ in self.sinks:
+            log(step, row)
         self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row}, refresh=False)
         self.bar.update(1)
 
     def close(self):
+        for _, close in self.sinks:
+            close()
         if self.rank == 0:
             self.bar.close()
             self.file.close()
@@ -470,13 +519,14 @@ def exit_if_asked(cfg, step):
         os._exit(3)
 
 
-def finish_run(cfg, model, is_embedded, tok_dir, rank, finish=True):
-    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer files of a
-    real model), then the process group closed unless the caller runs more stages in this process."""
+def finish_run(cfg, model, is_embedded, tok, rank, finish=True, template="tulu"):
+    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer of a real
+    model as trained: its pad token and the chat `template` used), then the process group closed unless the caller
+    runs more stages in this process."""
     from nanotulu import checkpoint
 
     out = os.path.join(cfg.output_dir, "final")
-    checkpoint.save_hf(model, out, tok_dir=None if is_embedded else tok_dir, rank=rank)
+    checkpoint.save_hf(model, out, tok=None if is_embedded else tok, template=template, rank=rank)
     if rank == 0:
         print(f"saved {out}")
         release_run_dir(cfg.output_dir)

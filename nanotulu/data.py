@@ -218,11 +218,13 @@ class HFTokenizer:
         self.eos_token, self.eos_token_id = token_id("eos_token", required=True)
         self.bos_token, self.bos_token_id = token_id("bos_token", required=False)
         self.pad_token, self.pad_token_id = token_id("pad_token", required=False)
+        self.added_pad = False
         if self.pad_token_id is None or self.pad_token_id == self.eos_token_id:
             # docs/RECIPE.md: Llama 3 has no pad token; add <pad> (pad must differ from EOS).
             self.pad_token = "<pad>"
             if self._tok.token_to_id("<pad>") is None:
                 self._tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
+                self.added_pad = True
             self.pad_token_id = self._tok.token_to_id("<pad>")
         # Embedding rows needed: one past the largest id, rounded up to a multiple of 8.
         self.vocab_size = _round_up(max(self._tok.get_vocab(with_added_tokens=True).values()) + 1, 8)
@@ -238,6 +240,27 @@ class HFTokenizer:
         if template is not None and not isinstance(template, str):
             raise ValueError(f"{config_path}: field 'chat_template': expected a string, got {type(template).__name__}")
         self.chat_template = template
+        self.config = config  # tokenizer_config.json as read: save_hf writes it back with what training used
+
+    def save(self, directory, template):
+        """Writes tokenizer.json (with any <pad> added here) and tokenizer_config.json / special_tokens_map.json
+        naming the tokens actually used (eos, bos, pad) and `template` (render_chat's: "tulu" or Jinja text) as
+        chat_template, so transformers and vLLM load the tokenizer the model was trained with."""
+        self._tok.save(os.path.join(directory, "tokenizer.json"))
+        config = dict(self.config)
+        special = {"eos_token": self.eos_token, "pad_token": self.pad_token}
+        if self.bos_token is not None:
+            special["bos_token"] = self.bos_token
+        config.update(special)
+        config["chat_template"] = jinja_template(template)
+        if self.added_pad and isinstance(config.get("added_tokens_decoder"), dict):
+            config["added_tokens_decoder"] = {**config["added_tokens_decoder"], str(self.pad_token_id): {
+                "content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": True}}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+            json.dump(special, f, indent=2, ensure_ascii=False)
 
     def encode(self, text):
         # add_special_tokens=False: no BOS/EOS added by a post-processor; special tokens spelled in the text are
@@ -331,18 +354,99 @@ def render_chat(messages, template="tulu", eos_token=None, add_generation_prompt
         raise ValueError(f"chat template failed to render: {type(e).__name__}: {e}") from e
 
 
-def resolve_template(template, tok):
-    """None -> the tokenizer's chat_template, or "tulu" when it has none; anything else is kept."""
-    if template is None:
-        return tok.chat_template or "tulu"
-    return template
+# The built-in "tulu" template as a Jinja chat template: what an exported checkpoint's tokenizer_config.json holds
+# when the run trained with "tulu", so that transformers' apply_chat_template (and vLLM) render exactly what
+# render_tulu renders (tests/test_roundtrip.py checks them against each other on multi-turn chats).
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + eos_token }}{% if not loop.last %}{{ '\n' }}{% endif %}"
+    "{% else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+TEMPLATE_HELP = "'tulu' (built-in), 'hf' (the tokenizer's own chat_template) or a path to a Jinja file"
+TEMPLATE_HELP_OWN = TEMPLATE_HELP + "; empty: the model's own (its tokenizer's chat_template, else tulu)"
+
+
+def default_template(tok):
+    """The checkpoint's own template: the tokenizer's chat_template (the tulu Jinja of a nanotulu export maps back
+    to "tulu"), else "tulu"."""
+    if tok.chat_template is None or tok.chat_template == TULU_CHAT_TEMPLATE:
+        return "tulu"
+    return tok.chat_template
+
+
+def resolve_template(flag, tok):
+    """A --template value -> what render_chat takes: "tulu" or Jinja text. Every command reads the flag here.
+    None or "" -> default_template(tok) (the checkpoint's own); "tulu"; "hf" -> the tokenizer's chat_template
+    (an error when it has none); a path to an existing file -> its text. Anything else, or a Jinja template that
+    does not compile, is a ValueError naming the flag, raised before any work."""
+    if flag is None or flag == "":
+        return default_template(tok)
+    if flag == "tulu":
+        return "tulu"
+    if flag == "hf":
+        if tok.chat_template is None:
+            raise ValueError(f"--template hf: the tokenizer {tok.name!r} has no chat_template (use --template tulu "
+                             "or a path to a Jinja file)")
+        text = tok.chat_template
+    elif os.path.isfile(flag):
+        with open(flag, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        raise ValueError(f"--template {flag!r}: expected {TEMPLATE_HELP} (no such file)")
+    if text == TULU_CHAT_TEMPLATE:
+        return "tulu"
+    try:
+        _compile_jinja(text)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"--template {flag}: the chat template does not compile ({e})") from e
+    return text
+
+
+def jinja_template(template):
+    """What render_chat takes -> the Jinja text to save in tokenizer_config.json."""
+    return TULU_CHAT_TEMPLATE if template == "tulu" else template
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # SFT tokenization with assistant-only labels
 
 
-def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
+def _eos_splits_exactly(tok):
+    """Whether the tokenizer cuts its text at every spelled EOS token before anything else runs, so that
+    encode(a + eos + b) == encode(a + eos) + encode(eos + b)[1:] (an added token matched verbatim: not normalized, no
+    lstrip/rstrip). True for ByteTokenizer and the special tokens of usual tokenizer.json files."""
+    if not isinstance(tok, HFTokenizer):
+        return isinstance(tok, ByteTokenizer)
+    added = tok._tok.get_added_tokens_decoder().get(tok.eos_token_id)
+    return added is not None and not (added.normalized or added.lstrip or added.rstrip or added.single_word)
+
+
+def _prefix_counter(tok, text, ids):
+    """-> n(b) = len(tok.encode(text[:b])) without encoding the whole prefix again (which made multi-turn masks
+    cost O(turns^2) encodes): the tokens up to the last EOS before b are read off `ids` (tok.encode(text): an
+    exactly split EOS ends a token run that a later text cannot change), and only the rest is encoded, behind that
+    EOS so that what follows it tokenizes as it does in place. None when the tokenizer offers no such split."""
+    eos, eos_id = tok.eos_token, tok.eos_token_id
+    eos_at = [i for i, t in enumerate(ids) if t == eos_id]  # token index of each EOS, in text order
+    if not _eos_splits_exactly(tok) or len(eos_at) != text.count(eos):
+        return None
+
+    def n(b):
+        e = text.rfind(eos, 0, b)
+        if e < 0:
+            return len(tok.encode(text[:b]))
+        end = e + len(eos)
+        k = eos_at[text.count(eos, 0, end) - 1]  # ids[k] is that EOS: k + 1 tokens up to it
+        return k + len(tok.encode(text[e:b]))  # encode(eos + rest) starts with the EOS again
+
+    return n
+
+
+def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False, incremental=True):
     """messages -> {"input_ids": list[int], "labels": list[int]}, labels = input_ids with -100 on every token that
     is not part of an assistant answer (docs/RECIPE.md: for each non-assistant message i, the span from
     len(tokens(render(msgs[:i]))) to len(tokens(render(msgs[:i+1], add_generation_prompt=next is assistant))) is
@@ -350,9 +454,12 @@ def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
     is trained; with "tulu" the prefix render msgs[:i] is taken as it appears inside the conversation, i.e. with
     that '\\n', while a Jinja template is used as it renders, as HF does).
     add_bos prepends the BOS token text (masked). max_len truncates both lists.
+    incremental (with "tulu", whose prefix renders are prefixes of the whole text): prefix token counts from the
+    whole encoding plus one encode of the text since the last EOS (_prefix_counter); the same counts, checked
+    against incremental=False (every prefix encoded whole) in tests/test_data.py.
     Raises ValueError naming the field for malformed messages or a template that fails."""
     validate_messages(messages)
-    template = resolve_template(template, tok)
+    template = default_template(tok) if template is None else template
     prefix = tok.bos_token if add_bos and tok.bos_token else ""
 
     def n_tokens(msgs, gen_prompt=False):
@@ -361,9 +468,14 @@ def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
             # Within the whole conversation this answer is not the last message, so the template follows its EOS
             # with "\n": count it as part of the answer (docs/RECIPE.md: trained), not of the next message's span.
             text += "\n"
-        return len(tok.encode(prefix + text))
+        text = prefix + text
+        if counter is not None and full.startswith(text):
+            return counter(len(text))
+        return len(tok.encode(text))
 
-    input_ids = tok.encode(prefix + render_chat(messages, template, tok.eos_token, False, tok.bos_token))
+    full = prefix + render_chat(messages, template, tok.eos_token, False, tok.bos_token)
+    input_ids = tok.encode(full)
+    counter = _prefix_counter(tok, full, input_ids) if incremental and template == "tulu" else None
     labels = list(input_ids)
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
@@ -378,33 +490,30 @@ def tokenize_sft(messages, tok, template="tulu", max_len=None, add_bos=False):
     return {"input_ids": input_ids, "labels": labels}
 
 
-def load_sft_dataset(sources, tok, template="tulu", max_len=None, truncate=True, seed=0, add_bos=False):
+def load_sft_dataset(sources, tok, template="tulu", max_len=None, truncate=True, seed=0, add_bos=False, workers=0,
+                     cache_dir=""):
     """sources: list of (path, amount), amount None = all rows (see select_rows) -> (examples, stats).
     examples: list of {"input_ids", "labels", "source", "line"}; examples longer than max_len are truncated
     (truncate=True) or dropped; examples with no trained token left are dropped. Everything dropped or truncated
     is counted in stats: rows_read / rows_selected per file, examples, truncated, dropped_too_long,
     dropped_no_trained_token, tokens, trained_tokens (an example truncated and then left with no trained token
-    counts in both truncated and dropped_no_trained_token). Errors name file:line: field."""
+    counts in both truncated and dropped_no_trained_token). Errors name file:line: field.
+    Each file is tokenized whole, once (tokenize_file: `workers` processes, cached in `cache_dir`); the mix then
+    selects rows, so changing an amount or max_len reuses the cache."""
     stats = {"rows_read": {}, "rows_selected": {}, "examples": 0, "truncated": 0, "dropped_too_long": 0,
              "dropped_no_trained_token": 0, "tokens": 0, "trained_tokens": 0}
     examples = []
+    fn = functools.partial(_sft_row, tok=tok, template=template, add_bos=add_bos)
     for source_index, (path, amount) in enumerate(sources):
-        rows = read_rows(path)
+        lines, tokenized = tokenize_file(path, fn, "sft", tok, template, {"add_bos": add_bos}, workers, cache_dir)
+        done = dict(zip(lines, tokenized))  # line -> example: repeated rows share one
         try:
-            chosen = select_rows(rows, amount, np.random.default_rng([seed, source_index]))
+            chosen = select_rows([(line, None) for line in lines], amount, np.random.default_rng([seed, source_index]))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        stats["rows_read"][path] = len(rows)
+        stats["rows_read"][path] = len(lines)
         stats["rows_selected"][path] = len(chosen)
-        done = {}  # line -> tokenized example or None: repeated rows are tokenized once
-        for line_no, row in chosen:
-            if line_no not in done:
-                if "messages" not in row:
-                    raise ValueError(f"{path}:{line_no}: field 'messages': missing (row has {sorted(row)})")
-                try:
-                    done[line_no] = tokenize_sft(row["messages"], tok, template, add_bos=add_bos)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no}: {e}") from None
+        for line_no, _ in chosen:
             ex = done[line_no]
             ids, labels = ex["input_ids"], ex["labels"]
             if max_len is not None and len(ids) > max_len:
@@ -422,6 +531,114 @@ def load_sft_dataset(sources, tok, template="tulu", max_len=None, truncate=True,
             stats["trained_tokens"] += n_trained
     stats["examples"] = len(examples)
     return examples, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizing a data file once: worker processes, and a cache on disk shared by runs and ranks
+
+TOKENIZE_CACHE_VERSION = "1"  # bump when what tokenize_sft / tokenize_pair produce changes
+
+
+def tokenizer_fingerprint(tok):
+    """A hash naming what a tokenizer produces: its whole tokenizer.json (added <pad> included) and specials."""
+    h = hashlib.sha256()
+    if isinstance(tok, HFTokenizer):
+        h.update(tok._tok.to_str().encode())
+    else:
+        h.update(f"{type(tok).__name__}:{tok.name}".encode())
+    h.update(json.dumps([tok.eos_token, tok.bos_token, tok.pad_token, tok.vocab_size]).encode())
+    return h.hexdigest()
+
+
+def _tokenize_chunk(fn, chunk):
+    """chunk: list of (line, row, where) -> list of (line, result or the ValueError it raised)."""
+    out = []
+    for line_no, row, where in chunk:
+        try:
+            out.append((line_no, fn(row, where)))
+        except ValueError as e:
+            out.append((line_no, e))
+    return out
+
+
+def _read_and_tokenize(path, fn, workers, min_rows_per_worker):
+    rows = read_rows(path)
+    items = [(line_no, row, f"{path}:{line_no}") for line_no, row in rows]
+    n_workers = min(workers, os.cpu_count() or 1, len(items) // max(1, min_rows_per_worker))
+    if n_workers <= 1:
+        done = _tokenize_chunk(fn, items)
+    else:
+        import multiprocessing
+
+        # spawn, not fork: the parent may hold threads (torch, tokenizers) that a fork would copy mid-lock
+        size = -(-len(items) // (n_workers * 8))  # 8 chunks per worker: a slow chunk does not hold the rest up
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        with multiprocessing.get_context("spawn").Pool(n_workers) as pool:
+            done = [x for part in pool.starmap(_tokenize_chunk, [(fn, c) for c in chunks]) for x in part]
+    for line_no, result in done:
+        if isinstance(result, ValueError):
+            raise result
+    return [line_no for line_no, _ in done], [result for _, result in done]
+
+
+def tokenize_file(path, fn, kind, tok, template, settings, workers=0, cache_dir="", min_rows_per_worker=2000):
+    """Every row of a data file through fn(row, where) -> (line numbers, results), in file order; `where` is
+    "file:line" for errors. fn must be picklable (a module-level function or a functools.partial of one).
+
+    Tokenized once: in `workers` spawned processes (when the file has at least min_rows_per_worker rows per
+    worker), and with a cache_dir, cached there under a key of the file (absolute path, size, modification time),
+    the tokenizer (tokenizer_fingerprint), the template text, `kind` and `settings` (e.g. max length, truncation):
+    a second run reads it, a changed file or setting misses it. Under torch.distributed rank 0 tokenizes and
+    writes (to a temporary name, then renamed); the other ranks wait for the file and read it, so the cache
+    folder must be shared by all ranks (a node-local folder on a multi-node job would never fill: use shared
+    storage, or cache_dir "" for every rank to tokenize itself)."""
+    import pickle
+    import time
+
+    if not cache_dir:
+        return _read_and_tokenize(path, fn, workers, min_rows_per_worker)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    st = os.stat(path)
+    h = hashlib.sha256()
+    for part in (TOKENIZE_CACHE_VERSION, kind, os.path.abspath(path), str(st.st_size), str(st.st_mtime_ns),
+                 tokenizer_fingerprint(tok), str(template), json.dumps(settings, sort_keys=True)):
+        h.update(part.encode() + b"\0")
+    cache_dir = os.path.expanduser(cache_dir)
+    cache = os.path.join(cache_dir, f"{kind}_{os.path.basename(path)}_{h.hexdigest()[:24]}.pkl")
+    rank = 0
+    try:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    except ImportError:
+        pass
+    if rank != 0:
+        waited = 0
+        while not os.path.isfile(cache):  # rank 0 is writing it (a failure there ends the whole job)
+            time.sleep(0.5)
+            waited += 1
+            if waited == 120:
+                print(f"rank {rank}: waiting for rank 0 to write {cache} (is {cache_dir} shared by all nodes?)")
+    if os.path.isfile(cache):
+        with open(cache, "rb") as f:
+            return pickle.load(f)
+    lines, results = _read_and_tokenize(path, fn, workers, min_rows_per_worker)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        pickle.dump((lines, results), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, cache)
+    return lines, results
+
+
+def _sft_row(row, where, tok, template, add_bos):
+    if "messages" not in row:
+        raise ValueError(f"{where}: field 'messages': missing (row has {sorted(row)})")
+    try:
+        return tokenize_sft(row["messages"], tok, template, add_bos=add_bos)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def format_stats(stats):
@@ -568,6 +785,95 @@ class PackedLoader:
         if not 0 <= state["step"] <= self.steps_per_epoch:
             raise ValueError(f"loader state: step {state['step']} outside 0..{self.steps_per_epoch}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+class CountedLoader:
+    """A packed loader whose optimizer step holds exactly `items_per_step` examples over all ranks (DPO: the
+    recipe's 128 pairs per step), however long they are; the number of rows per step varies instead.
+
+    Each epoch the examples are shuffled with (seed, epoch); step s takes examples [s*N, (s+1)*N) of that order,
+    packs them best-fit decreasing into rows of `capacity`, and deals the rows round-robin to the ranks. Every rank
+    gets the same number of rows (ceil(rows / world_size)): a rank short of one gets an all-padding row holding no
+    example, so every rank runs the same forwards (collective under FSDP) and the examples of the step are each
+    in exactly one row of one rank. The last N - 1 or fewer examples of an epoch are dropped (counted in stats).
+    Same interface as PackedLoader (len, iteration per step, epoch, state_dict / load_state_dict)."""
+
+    def __init__(self, examples, items_per_step, capacity, rank=0, world_size=1, seed=0, pad_id=None,
+                 length_fn=sft_length, to_docs=sft_docs, backend="auto"):
+        if pad_id is None:
+            raise ValueError("CountedLoader needs pad_id (the tokenizer's pad_token_id)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if items_per_step < 1:
+            raise ValueError(f"items per step must be >= 1, got {items_per_step}")
+        self.examples, self.items_per_step, self.capacity = examples, items_per_step, capacity
+        self.rank, self.world_size, self.seed, self.pad_id = rank, world_size, seed, pad_id
+        self.to_docs, self.backend = to_docs, backend
+        self.lengths = [int(length_fn(ex)) for ex in examples]  # (n_examples,)
+        for i, n in enumerate(self.lengths):
+            if not 1 <= n <= capacity:
+                raise ValueError(f"example {i} takes {n} tokens, outside [1, capacity={capacity}]")
+        self.steps_per_epoch = len(examples) // items_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(examples)} examples: fewer than one step of {items_per_step}")
+        self.stats = {"examples": len(examples), "steps_per_epoch": self.steps_per_epoch,
+                      "dropped_examples_per_epoch": len(examples) - self.steps_per_epoch * items_per_step}
+        self.epoch, self.step = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def rows_for_step(self, epoch, step):
+        """Example indices of this rank's rows at (epoch, step): ceil(rows / world_size) lists (some maybe empty)."""
+        if self._order_epoch != epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            self._order_epoch = epoch
+        items = self._order[step * self.items_per_step:(step + 1) * self.items_per_step]
+        bins = pack([self.lengths[i] for i in items], self.capacity, backend=self.backend)
+        rows = [[int(items[j]) for j in b] for b in bins]
+        per_rank = -(-len(rows) // self.world_size)
+        mine = rows[self.rank::self.world_size]
+        return mine + [[] for _ in range(per_rank - len(mine))]
+
+    def make_rows(self, row_example_ids):
+        out = []
+        for ids in row_example_ids:
+            row = make_row([doc for i in ids for doc in self.to_docs(self.examples[i])], self.capacity, self.pad_id)
+            row["example_ids"] = list(ids)
+            out.append(row)
+        return out
+
+    def __iter__(self):
+        while self.step < self.steps_per_epoch:
+            ids = self.rows_for_step(self.epoch, self.step)
+            self.step += 1  # before the yield, as in PackedLoader
+            yield self.make_rows(ids)
+        self.epoch, self.step = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "capacity": self.capacity,
+                "items_per_step": self.items_per_step, "world_size": self.world_size,
+                "lengths_sha1": hashlib.sha1(np.asarray(self.lengths, dtype=np.int64).tobytes()).hexdigest()}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("seed", "capacity", "items_per_step", "world_size", "lengths_sha1"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"loader state: {key} was {state.get(key)!r}, now {mine[key]!r}: a resumed run "
+                                 "would not see the examples the saved run would have seen")
+        if not 0 <= state["step"] <= self.steps_per_epoch:
+            raise ValueError(f"loader state: step {state['step']} outside 0..{self.steps_per_epoch}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def held_out_rows(examples, capacity, rank, world_size, pad_id, length_fn=sft_length, to_docs=sft_docs):
+    """Every held-out example exactly once, packed into rows and split over the data-parallel ranks, each rank
+    with the same number of rows (a CountedLoader step holding all of them) -> this rank's rows (make_row dicts
+    with "example_ids")."""
+    loader = CountedLoader(examples, len(examples), capacity, rank=rank, world_size=world_size, pad_id=pad_id,
+                           length_fn=length_fn, to_docs=to_docs)
+    return loader.make_rows(loader.rows_for_step(0, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

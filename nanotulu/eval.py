@@ -6,8 +6,9 @@
 Rows are RLVR rows (docs/RECIPE.md): `messages` (a final assistant turn is the reference answer and is dropped from the
 prompt), `ground_truth`, and `dataset`, which names the verifier of nanotulu.rewards (gsm8k, math, ifeval,
 string_match, or a list of them); without nanotulu.rewards, answers are scored by exact match of stripped strings.
-Prompts are rendered with the chat template (the tokenizer's own, else "tulu"), generated greedily by default with
-nanotulu.generate in batches of similar length, and the score of a data set is the mean verifier score.
+Prompts are rendered with the checkpoint's chat template (its tokenizer's own, which a nanotulu export sets to the
+template trained with; else "tulu"; --template tulu | hf | a Jinja file overrides it), generated greedily by default
+with nanotulu.generate in batches of similar length, and the score of a data set is the mean verifier score.
 
 `evaluate(model, tok, rows, ...)` is the same thing as a function, for the train scripts: under torch.distributed
 each rank generates its share of the rows (the FSDP / tensor-parallel weights are gathered once for the whole
@@ -168,8 +169,8 @@ def main(argv=None):
     parser.add_argument("--data", required=True, nargs="+", help="RLVR rows: mixes 'file[:amount],...' as the "
                         "trainers take (amount: 0.5 = fraction, 500 = rows); several mixes add up")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (None: --model)")
-    parser.add_argument("--template", default=None, help="'tulu' or a Jinja template (None: the tokenizer's own, "
-                        "else tulu)")
+    parser.add_argument("--template", default=None, help="'tulu', 'hf' (the tokenizer's chat_template) or a path to a "
+                        "Jinja file (None: the checkpoint's own: its tokenizer's chat_template, else tulu)")
     parser.add_argument("--out", default="eval_results.json", help="JSON results file (checked before any work)")
     parser.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
     parser.add_argument("--max_new_tokens", type=int, default=0, help="answer length limit (0: "
@@ -211,7 +212,10 @@ def main(argv=None):
         raise SystemExit(f"--max_new_tokens must be positive (or 0: auto), got {args.max_new_tokens}")
     tok = load_tokenizer(args.tokenizer or args.model)
     max_new_tokens = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if tok.name == "byte" else 512)
-    template = resolve_template(args.template, tok)
+    try:
+        template = resolve_template(args.template, tok)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     rows = []
     for k, (path, amount) in enumerate(sources):
         file_rows = load_rlvr_rows(path)

@@ -357,3 +357,50 @@ def _make_step(model, state, sampling, compile):
         calls["n"] += 1
 
     return step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: one chat turn from a checkpoint
+
+
+def main(argv=None):
+    """python -m nanotulu.generate --model DIR --prompt "What is 2+2?" [--system TEXT] [--template tulu|hf|FILE]
+    Renders the prompt with the checkpoint's own chat template unless --template says otherwise (as eval and the
+    trainers read it), generates, prints the answer; returns {"prompt_ids", "tokens", "text"}."""
+    import argparse
+
+    from nanotulu.data import TEMPLATE_HELP, load_tokenizer, render_chat, resolve_template
+
+    parser = argparse.ArgumentParser(prog="python -m nanotulu.generate", description=main.__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (default: --model)")
+    parser.add_argument("--template", default=None, help=TEMPLATE_HELP + " (default: the checkpoint's own)")
+    parser.add_argument("--prompt", required=True, help="the user message")
+    parser.add_argument("--system", default=None, help="an optional system message")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    tok = load_tokenizer(args.tokenizer or args.model)
+    try:
+        template = resolve_template(args.template, tok)  # before the model is loaded
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    prompt = tok.encode(render_chat(messages, template, tok.eos_token, True, tok.bos_token))
+    model = Llama.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    out = generate(model, [prompt], max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
+                   greedy=args.temperature == 0, temperature=args.temperature or 1.0, top_p=args.top_p,
+                   seed=args.seed)[0]
+    text = tok.decode(out["tokens"], skip_special_tokens=True)
+    print(text)
+    return {"prompt_ids": prompt, "tokens": out["tokens"], "text": text}
+
+
+if __name__ == "__main__":
+    main()

@@ -12,8 +12,10 @@ so no reference model is held in memory while training (or --ref_mode online kee
 """
 
 import bisect
+import functools
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanotulu import checkpoint, common, data, embedded, losses
+from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.model import num_flops_per_token
 
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
@@ -35,7 +38,11 @@ class DPOConfig(common.RunFlags):
     ref_model: str = field(default="", metadata={"help": "reference model directory; empty: --model"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer directory or 'byte'; empty: the model's"})
     data: str = field(default="", metadata={"help": "mix 'file[:amount],...' of chosen/rejected rows"})
-    template: str = field(default="tulu", metadata={"help": "'tulu', or 'hf' for the tokenizer's chat_template"})
+    eval_data: str = field(default="", metadata={"help": "held-out mix, as --data: reward accuracy and margin "
+                                                         "logged as eval/..."})
+    eval_every: int = field(default=0, metadata={"help": "held-out metrics every N steps and at the end (0: at "
+                                                         "the end)"})
+    template: str = field(default="", metadata={"help": TEMPLATE_HELP_OWN})
     output_dir: str = "runs/dpo"
     loss_type: str = field(default="dpo_norm", metadata={"help": "dpo | dpo_norm | simpo | ipo"})
     beta: float = 5.0
@@ -48,14 +55,18 @@ class DPOConfig(common.RunFlags):
     lr: float = 5e-7
     lr_schedule: str = "linear"
     warmup_ratio: float = 0.1
-    batch_rows: int = field(default=32, metadata={"help": "packed rows per optimizer step, all ranks"})
-    micro_batch_rows: int = 1
+    batch_pairs: int = field(default=128, metadata={"help": "preference pairs per optimizer step, all ranks "
+                                                            "(packed into as many rows as they need)"})
+    micro_batch_rows: int = field(default=1, metadata={"help": "packed rows per forward/backward on each rank"})
     ref_mode: str = field(default="cached", metadata={"help": "cached (one no-grad pass, on disk) | online"})
     ref_cache_dir: str = field(default="~/.cache/nanotulu/ref_logps", metadata={"help": "reference cache folder"})
+    tokenize_workers: int = field(default=8, metadata={"help": "processes tokenizing the data (0/1: in-process)"})
+    data_cache_dir: str = field(default="~/.cache/nanotulu/tokenized", metadata={
+        "help": "tokenized-data cache shared by runs and ranks (must be shared by all nodes; '': none)"})
     save_every: int = 200
 
 
-EMBEDDED_PRESET = dict(max_seq_len=256, lr=3e-6, beta=5.0, batch_rows=4, save_every=50, epochs=1,
+EMBEDDED_PRESET = dict(max_seq_len=256, lr=3e-6, beta=5.0, batch_pairs=8, save_every=50, epochs=1,
                        ref_cache_dir="runs/ref_cache")
 EMBEDDED_SFT_DIR = "runs/sft"
 
@@ -128,22 +139,29 @@ def tokenize_pair(row, tok, template, max_seq_len, truncate, where):
     return out
 
 
-def load_pairs(sources, tok, template, max_seq_len, truncate, seed):
-    """-> (pairs, stats). pairs[i] = {"chosen": doc, "rejected": doc, "id": i}."""
+def _pair_row(row, where, tok, template, max_seq_len, truncate):
+    return tokenize_pair(row, tok, template, max_seq_len, truncate, where)
+
+
+def load_pairs(sources, tok, template, max_seq_len, truncate, seed, workers=0, cache_dir=""):
+    """-> (pairs, stats). pairs[i] = {"chosen": doc, "rejected": doc, "id": i}. Each file is tokenized once
+    (data.tokenize_file: `workers` processes, cached in `cache_dir`), then the mix selects rows."""
     stats = {"rows": 0, "pairs": 0, "truncated": 0, "dropped_too_long": 0}
     pairs = []
+    fn = functools.partial(_pair_row, tok=tok, template=template, max_seq_len=max_seq_len, truncate=truncate)
+    settings = {"max_seq_len": max_seq_len, "truncate": truncate}
     for k, (path, amount) in enumerate(sources):
-        rows = data.read_rows(path)
-        chosen_rows = data.select_rows(rows, amount, np.random.default_rng([seed, k]))
+        lines, tokenized = data.tokenize_file(path, fn, "pairs", tok, template, settings, workers, cache_dir)
+        done = dict(zip(lines, tokenized))
+        chosen_rows = data.select_rows([(line, None) for line in lines], amount, np.random.default_rng([seed, k]))
         stats["rows"] += len(chosen_rows)
-        for line_no, row in chosen_rows:
-            pair = tokenize_pair(row, tok, template, max_seq_len, truncate, f"{path}:{line_no}")
+        for line_no, _ in chosen_rows:
+            pair = done[line_no]
             if pair is None:
                 stats["dropped_too_long"] += 1
                 continue
-            stats["truncated"] += pair.pop("truncated")
-            pair["id"] = len(pairs)
-            pairs.append(pair)
+            stats["truncated"] += pair["truncated"]
+            pairs.append({"chosen": pair["chosen"], "rejected": pair["rejected"], "id": len(pairs)})
     stats["pairs"] = len(pairs)
     return pairs, stats
 
@@ -202,14 +220,24 @@ def pair_logps(model, batch, impl, tp_group=None, pair_loss=None):
 
 
 def file_fingerprint(directory):
-    """sha256 over config.json and every safetensors file of a model directory (content, not names or times)."""
+    """sha256 naming a model directory's weights without reading them (re-hashing 16 GB per rank on every start of
+    an 8B run was the cost): config.json's content, and for each safetensors file its name, size, modification
+    time (ns) and header (tensor names, dtypes, shapes, offsets and metadata). Rewriting any weight changes the
+    time, so the key changes; a copy that keeps times (cp -p, rsync -t) keeps it; a copy that does not only costs
+    a recomputed reference pass."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(directory)):
-        if name == "config.json" or name.endswith(".safetensors"):
-            h.update(name.encode())
-            with open(os.path.join(directory, name), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
+        path = os.path.join(directory, name)
+        if name == "config.json":
+            with open(path, "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+        elif name.endswith(".safetensors"):
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                head = f.read(8)  # little-endian u64: length of the JSON header that follows
+                n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                header = f.read(min(n, st.st_size))
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode() + head + header)
     return h.hexdigest()
 
 
@@ -342,6 +370,18 @@ def check_flags(cfg):
         raise ValueError(f"--ref_mode {cfg.ref_mode!r}: expected cached or online")
 
 
+def check_one_step(pairs, cfg, world):
+    """Before any model loads: the pairs fill at least one optimizer step of --batch_pairs, which every
+    data-parallel rank can share."""
+    dp = common.planned_dp_world(cfg, world)
+    if cfg.batch_pairs < dp:
+        raise ValueError(f"--batch_pairs {cfg.batch_pairs}: fewer pairs per step than data-parallel ranks ({dp}): "
+                         "raise --batch_pairs")
+    if len(pairs) < cfg.batch_pairs:
+        raise ValueError(f"{len(pairs)} pairs: fewer than one step of --batch_pairs {cfg.batch_pairs}: lower "
+                         f"--batch_pairs (to {len(pairs)} at most), or add data")
+
+
 def embedded_sft_model(rank):
     """The embedded DPO starts from the embedded SFT model: reused if it exists, else trained now."""
     model_dir = os.path.join(EMBEDDED_SFT_DIR, "final")
@@ -353,51 +393,85 @@ def embedded_sft_model(rank):
     return model_dir
 
 
-def load_data(cfg, is_embedded, tok, template, rank):
-    sources = data.parse_mix(cfg.data) if cfg.data else [(embedded.asset("dpo.jsonl"), None)]
-    pairs, stats = load_pairs(sources, tok, template, cfg.max_seq_len, cfg.truncate, cfg.seed)
+def load_data(cfg, is_embedded, tok, template, rank, mix=None):
+    """Preference pairs of the --data mix (the shipped synthetic set for the embedded default), or of `mix`."""
+    sources = data.parse_mix(mix or cfg.data) if (mix or cfg.data) else [(embedded.asset("dpo.jsonl"), None)]
+    pairs, stats = load_pairs(sources, tok, template, cfg.max_seq_len, cfg.truncate, cfg.seed, cfg.tokenize_workers,
+                              cfg.data_cache_dir)
     if rank == 0:
-        print(f"data: {stats['pairs']} pairs of {stats['rows']} rows; truncated {stats['truncated']}, dropped too "
+        print(f"{'held-out ' if mix else ''}data: {stats['pairs']} pairs of {stats['rows']} rows; truncated "
+              f"{stats['truncated']}, dropped too "
               f"long {stats['dropped_too_long']}")
     if not pairs:
         raise ValueError("no preference pairs left to train on")
     return pairs
 
 
-def reference(cfg, ref_dir, pairs, template, tok, load_placed, mesh, device, use_bf16, rank, world):
+def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device, use_bf16, rank, world):
     """The reference side of the loss, before the policy exists (the two are never in memory together):
-    -> (ref_model, ref_table): the frozen model for --ref_mode online, else the (P, 2) table of cached reference
-    log-likelihoods (computed in one no-grad pass on a cache miss); (None, None) for simpo."""
+    -> (ref_model, ref_tables): the frozen model for --ref_mode online, else for each list of pairs in pair_sets
+    (training pairs, held-out pairs) the (P, 2) table of cached reference log-likelihoods (computed in one no-grad
+    pass on a cache miss, the reference model loaded at most once); (None, None) for simpo."""
     if cfg.loss_type == "simpo":
-        return None, None
+        return None, [None] * len(pair_sets)
     if cfg.ref_mode == "online":
         ref_model = load_placed(ref_dir).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-        return ref_model, None
-    hashes = pair_hashes(pairs)
-    key = ref_cache_key(file_fingerprint(ref_dir), hashes, cfg.max_seq_len, cfg.loss_type, template)
+        return ref_model, [None] * len(pair_sets)
+    fingerprint = file_fingerprint(ref_dir)
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
+    loaded = []
+    tables = []
+    for pairs in pair_sets:
+        if not pairs:  # no held-out set
+            tables.append(None)
+            continue
+        hashes = pair_hashes(pairs)
+        key = ref_cache_key(fingerprint, hashes, cfg.max_seq_len, cfg.loss_type, template)
 
-    def compute():
-        ref = load_placed(ref_dir)
-        return compute_ref_logps(ref, pairs, 2 * cfg.max_seq_len, tok.pad_token_id, device, cfg.loss_impl, dp_rank,
-                                 dp_world, cfg.micro_batch_rows, common.tp_group(mesh), common.dp_group(mesh),
-                                 use_bf16)
+        def compute(pairs=pairs):
+            if not loaded:
+                loaded.append(load_placed(ref_dir))
+            return compute_ref_logps(loaded[0], pairs, 2 * cfg.max_seq_len, tok.pad_token_id, device, cfg.loss_impl,
+                                     dp_rank, dp_world, cfg.micro_batch_rows, common.tp_group(mesh),
+                                     common.dp_group(mesh), use_bf16)
 
-    table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank, device)
-    return None, table.to(device)
+        table, _, _ = load_or_compute_ref(cfg, key, hashes, compute, rank, device)
+        tables.append(table.to(device))
+    loaded.clear()  # the reference model is freed before the policy is loaded
+    return None, tables
+
+
+@torch.no_grad()
+def held_out_metrics(model, rows, ref_logps, loss_kwargs, micro_batch_rows, device, impl="auto", mesh=None,
+                     use_bf16=False):
+    """Held-out preference metrics over the rows of every data-parallel rank (data.held_out_rows): mean loss,
+    reward accuracy and reward margin, keyed eval/... . ref_logps(micro) as in dpo_backward."""
+    sums = torch.zeros(4, device=device)  # loss, accurate pairs, margin, pairs
+    for m in data.micro_batches(rows, micro_batch_rows, device, stack=data.stack_pair_rows):
+        with common.precision(model, use_bf16):
+            pi, counts = pair_logps(model, m, impl, common.tp_group(mesh))
+        pi = pi.float()
+        ref = ref_logps(m)
+        ref = torch.zeros_like(pi) if ref is None else ref
+        losses_, rc, rr = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1], **loss_kwargs)
+        sums += torch.stack([losses_.sum(), (rc > rr).float().sum(), (rc - rr).sum(),
+                             torch.tensor(float(len(losses_)), device=device)])
+    sums = common.all_reduce_sum(sums, common.dp_group(mesh))
+    n = sums[3].clamp(min=1)
+    return {"eval/loss": sums[0] / n, "eval/rewards/accuracy": sums[1] / n, "eval/rewards/margin": sums[2] / n}
 
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
-    template = "tulu" if cfg.template == "tulu" else tok.chat_template
+    template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     pairs = load_data(cfg, is_embedded, tok, template, rank)
+    eval_pairs = load_data(cfg, is_embedded, tok, template, rank, mix=cfg.eval_data) if cfg.eval_data else []
     capacity = 2 * cfg.max_seq_len  # a row holds at least one whole pair
-    # before the embedded SFT and the reference pass: the pairs must fill one optimizer step
-    common.check_one_step([pair_length(p) for p in pairs], capacity, cfg, world, what="pairs")
+    check_one_step(pairs, cfg, world)  # before the embedded SFT and the reference pass
     model_dir = embedded_sft_model(rank) if is_embedded else cfg.model
     mesh = common.make_mesh(cfg, world, device)
 
@@ -405,34 +479,40 @@ def main(argv=None, finish=True):
         return common.place(common.load_model(path, tok, device, cfg), mesh, cfg, use_bf16, seq_len=capacity)
 
     # --- reference log-probs, then the policy -----------------------------------------------------------------------
-    ref_model, ref_table = reference(cfg, cfg.ref_model or model_dir, pairs, template, tok, load_placed, mesh, device,
-                                     use_bf16, rank, world)
+    ref_model, (ref_table, eval_ref_table) = reference(cfg, cfg.ref_model or model_dir, [pairs, eval_pairs], template,
+                                                       tok, load_placed, mesh, device, use_bf16, rank, world)
     model = load_placed(model_dir)
 
-    def ref_logps(m):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
+    def ref_logps(m, table=None):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
+        table = ref_table if table is None else table
         if ref_model is not None:
             with torch.no_grad(), common.precision(ref_model, use_bf16):
                 return pair_logps(ref_model, m, cfg.loss_impl, common.tp_group(mesh))[0].float()
-        return None if ref_table is None else ref_table[m["pair_ids"]]
+        return None if table is None else table[m["pair_ids"]]
 
     # --- packed loader of pairs, optimizer, resume ------------------------------------------------------------------
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
-    loader = data.PackedLoader(pairs, capacity=capacity, rows_per_step=cfg.batch_rows // dp_world, rank=dp_rank,
-                               world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id, length_fn=pair_length,
-                               to_docs=pair_docs)
+    # exactly --batch_pairs pairs per step over all ranks (RECIPE: 128), packed into as many rows as they take
+    loader = data.CountedLoader(pairs, cfg.batch_pairs, capacity, rank=dp_rank, world_size=dp_world, seed=cfg.seed,
+                                pad_id=tok.pad_token_id, length_fn=pair_length, to_docs=pair_docs)
     total_steps = cfg.max_steps or cfg.epochs * len(loader)
+    eval_rows = data.held_out_rows(eval_pairs, capacity, dp_rank, dp_world, tok.pad_token_id, pair_length,
+                                   pair_docs) if eval_pairs else None
     optimizer = common.make_optimizer(model, cfg, device)
     ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, loader, rank, world)
 
     # --- training ---------------------------------------------------------------------------------------------------
     loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio,
                        label_smoothing=cfg.label_smoothing)
-    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="dpo")
-    speed = common.Speed(device, num_flops_per_token(model.cfg, capacity), cfg.batch_rows * capacity, world)
+    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="dpo",
+                             report_to=cfg.report_to, config=vars(cfg))
+    speed = common.Speed(device, num_flops_per_token(model.cfg, capacity), 0, world)
     batches = common.step_batches(loader)
     model.train()
     while step < total_steps:
-        micro = data.micro_batches(next(batches), cfg.micro_batch_rows, device, stack=data.stack_pair_rows)
+        rows = next(batches)
+        speed.tokens = len(rows) * dp_world * capacity  # rows per step vary with the pairs' lengths (padding counted)
+        micro = data.micro_batches(rows, cfg.micro_batch_rows, device, stack=data.stack_pair_rows)
         sums, n_pairs = dpo_backward(model, micro, ref_logps, loss_kwargs, cfg.loss_impl, mesh, use_bf16)
         lr = common.lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
         grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
@@ -440,13 +520,17 @@ def main(argv=None, finish=True):
         mean = dict(zip(DPO_SUMS, common.all_reduce_sum(sums, common.dp_group(mesh)) / n_pairs))
         common.exit_if_asked(cfg, step)
         mean.pop("answer_tokens")
-        metrics.log(step, {**mean, "rewards/margin": mean["rewards/chosen"] - mean["rewards/rejected"], "lr": lr,
-                           "grad_norm": grad_norm, "pairs": n_pairs, **speed.tick()},
-                    show=("loss", "rewards/accuracy", "rewards/margin", "tok/s"))
+        row = {**mean, "rewards/margin": mean["rewards/chosen"] - mean["rewards/rejected"], "lr": lr,
+               "grad_norm": grad_norm, "pairs": n_pairs, **speed.tick()}
+        if eval_rows is not None and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            row.update(held_out_metrics(model, eval_rows, lambda m: ref_logps(m, eval_ref_table), loss_kwargs,
+                                        cfg.micro_batch_rows, device, cfg.loss_impl, mesh, use_bf16))
+            speed.t = time.perf_counter()  # the evaluation is not training time
+        metrics.log(step, row, show=("loss", "rewards/accuracy", "rewards/margin", "eval/rewards/accuracy", "tok/s"))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
     metrics.close()
-    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or model_dir, rank, finish)
+    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nanotulu import checkpoint, common, data, embedded, losses, rewards
+from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.generate import gathered, generate
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -47,7 +48,7 @@ class RLVRConfig(common.RunFlags):
     data: str = field(default="", metadata={"help": "mix 'file[:amount],...' of RLVR rows (amount: 0.5 = fraction, "
                                                     "500 = rows)"})
     eval_data: str = field(default="", metadata={"help": "held-out RLVR rows for accuracy, a mix as --data"})
-    template: str = "tulu"
+    template: str = field(default="", metadata={"help": TEMPLATE_HELP_OWN})
     output_dir: str = "runs/rlvr"
     num_samples: int = field(default=16, metadata={"help": "answers sampled per prompt (the GRPO group)"})
     prompts_per_step: int = field(default=48, metadata={"help": "prompts per rollout batch, all ranks"})
@@ -391,7 +392,8 @@ def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, EMBEDDED_PRESET, argv, "RLVR")
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
-    template = "tulu" if cfg.template == "tulu" else tok.chat_template
+    template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
+    model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model
     tasks, prompts, eval_rows = load_tasks(cfg, is_embedded, tok, template)
     dp = common.planned_dp_world(cfg, world)
     if cfg.prompts_per_step % dp or cfg.prompts_per_step > len(tasks):
@@ -419,7 +421,8 @@ def main(argv=None, finish=True):
     os.makedirs(cfg.output_dir, exist_ok=True)
     if step == 0:
         held_out(model, tok, eval_rows, cfg, template, rank, 0)
-    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), cfg.steps, rank, step, desc="rlvr")
+    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), cfg.steps, rank, step, desc="rlvr",
+                             report_to=cfg.report_to, config=vars(cfg))
     gen_seed = torch.Generator(device=device)
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -463,7 +466,7 @@ def main(argv=None, finish=True):
             checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": sampler.state_dict()}, rank)
     metrics.close()
     final_acc = held_out(model, tok, eval_rows, cfg, template, rank, step)
-    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or model_dir, rank, finish), final_acc
+    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
 
 
 def data_prompts(rows, tok, template):

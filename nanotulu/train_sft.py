@@ -11,11 +11,13 @@ fused linear cross-entropy kernel: the logits never exist.
 """
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from nanotulu import checkpoint, common, data, embedded, losses
+from nanotulu.data import TEMPLATE_HELP
 from nanotulu.model import build_model, num_flops_per_token, resize_vocab
 
 
@@ -26,10 +28,15 @@ class SFTConfig(common.RunFlags):
     model: str = field(default="", metadata={"help": "HF model directory; empty: the embedded tiny Llama"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer directory or 'byte'; empty: the model's"})
     data: str = field(default="", metadata={"help": "mix 'file[:amount],...' (amount: 0.5 = fraction, 500 = rows)"})
-    template: str = field(default="tulu", metadata={"help": "'tulu', or 'hf' for the tokenizer's chat_template"})
+    template: str = field(default="tulu", metadata={"help": TEMPLATE_HELP})
+    eval_data: str = field(default="", metadata={"help": "held-out mix, as --data: its loss logged as eval/loss"})
+    eval_every: int = field(default=0, metadata={"help": "held-out loss every N steps and at the end (0: at the end)"})
     output_dir: str = "runs/sft"
     max_seq_len: int = field(default=4096, metadata={"help": "row capacity in tokens; longer examples truncated"})
     truncate: bool = field(default=True, metadata={"help": "truncate over-long examples (false: drop them)"})
+    tokenize_workers: int = field(default=8, metadata={"help": "processes tokenizing the data (0/1: in-process)"})
+    data_cache_dir: str = field(default="~/.cache/nanotulu/tokenized", metadata={
+        "help": "tokenized-data cache shared by runs and ranks (must be shared by all nodes; '': none)"})
     epochs: int = 2
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: epochs)"})
     lr: float = 5e-6
@@ -66,22 +73,39 @@ def sft_backward(model, micro, impl="auto", mesh=None, use_bf16=False):
     return loss_sum, n_tokens
 
 
-def load_data(cfg, is_embedded, tok, rank):
-    """Tokenized, masked SFT examples of the --data mix (the shipped synthetic set for the embedded default)."""
-    template = "tulu" if cfg.template == "tulu" else tok.chat_template
-    sources = data.parse_mix(cfg.data) if cfg.data else [(embedded.asset("sft.jsonl"), None)]
+@torch.no_grad()
+def held_out_loss(model, rows, micro_batch_rows, device, impl="auto", mesh=None, use_bf16=False):
+    """Mean token cross-entropy over the held-out rows of every data-parallel rank (data.held_out_rows)."""
+    sums = torch.zeros(2, device=device)  # summed token loss, trained tokens
+    for m in data.micro_batches(rows, micro_batch_rows, device):
+        head = losses.loss_head("cross_entropy_sum", m["targets"], impl, common.tp_group(mesh))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            sums[0] += model(m["input_ids"], m["position_ids"], m["cu_seqlens"], head=head).float()
+        sums[1] += (m["targets"] != -100).sum()
+    sums = common.all_reduce_sum(sums, common.dp_group(mesh))
+    return sums[0] / sums[1].clamp(min=1)
+
+
+def load_data(cfg, is_embedded, tok, template, rank, mix=None):
+    """Tokenized, masked SFT examples of the --data mix (the shipped synthetic set for the embedded default), or
+    of `mix` (--eval_data)."""
+    sources = data.parse_mix(mix or cfg.data) if (mix or cfg.data) else [(embedded.asset("sft.jsonl"), None)]
     examples, stats = data.load_sft_dataset(sources, tok, template, cfg.max_seq_len, truncate=cfg.truncate,
-                                            seed=cfg.seed)
+                                            seed=cfg.seed, workers=cfg.tokenize_workers, cache_dir=cfg.data_cache_dir)
     if rank == 0:
-        print(f"data: {len(examples)} examples; {data.format_stats(stats)}")
+        print(f"{'held-out ' if mix else ''}data: {len(examples)} examples; {data.format_stats(stats)}")
     return examples
 
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
-    examples = load_data(cfg, is_embedded, tok, rank)
+    template = data.resolve_template(cfg.template, tok)
+    examples = load_data(cfg, is_embedded, tok, template, rank)
     common.check_one_step([data.sft_length(e) for e in examples], cfg.max_seq_len, cfg, world)
+    eval_examples = load_data(cfg, is_embedded, tok, template, rank, mix=cfg.eval_data) if cfg.eval_data else []
+    if cfg.eval_data and not eval_examples:
+        raise ValueError(f"--eval_data {cfg.eval_data}: no held-out example left")
 
     # --- model, placed on the (dp, tp) mesh ---------------------------------------------------------------------
     if is_embedded:
@@ -97,11 +121,14 @@ def main(argv=None, finish=True):
     loader = data.PackedLoader(examples, capacity=cfg.max_seq_len, rows_per_step=cfg.batch_rows // dp_world,
                                rank=dp_rank, world_size=dp_world, seed=cfg.seed, pad_id=tok.pad_token_id)
     total_steps = cfg.max_steps or cfg.epochs * len(loader)
+    eval_rows = data.held_out_rows(eval_examples, cfg.max_seq_len, dp_rank, dp_world, tok.pad_token_id) \
+        if eval_examples else None
     optimizer = common.make_optimizer(model, cfg, device)
     ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, loader, rank, world)
 
     # --- training: one optimizer step per loader step ---------------------------------------------------------------
-    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="sft")
+    metrics = common.Metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), total_steps, rank, step, desc="sft",
+                             report_to=cfg.report_to, config=vars(cfg))
     tokens_per_step = cfg.batch_rows * cfg.max_seq_len  # row capacity, padding included (packing wastes ~1%)
     speed = common.Speed(device, num_flops_per_token(model.cfg, cfg.max_seq_len), tokens_per_step, world)
     batches = common.step_batches(loader)
@@ -114,12 +141,17 @@ def main(argv=None, finish=True):
         step += 1
         loss = common.all_reduce_sum(loss_sum, common.dp_group(mesh)) / n_tokens.clamp(min=1)
         common.exit_if_asked(cfg, step)
-        metrics.log(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "epoch": loader.epoch,
-                           **speed.tick()})
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "epoch": loader.epoch,
+               **speed.tick()}
+        if eval_rows is not None and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            row["eval/loss"] = held_out_loss(model, eval_rows, cfg.micro_batch_rows, device, cfg.loss_impl, mesh,
+                                             use_bf16)
+            speed.t = time.perf_counter()  # the evaluation is not training time
+        metrics.log(step, row, show=("loss", "eval/loss", "lr", "tok/s"))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
     metrics.close()
-    return common.finish_run(cfg, model, is_embedded, cfg.tokenizer or cfg.model, rank, finish)
+    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":

@@ -339,3 +339,132 @@ def test_template_failure_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "f.jsonl", [sft_row(0), {"messages": MULTI_TURN}])
     with pytest.raises(ValueError, match=r"f\.jsonl:2: chat template failed to render.*no system turn"):
         load_sft_dataset([(path, None)], ByteTokenizer(), OTHER_JINJA)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenized once: worker processes and the on-disk cache
+
+
+def chat_rows(n, salt=""):
+    return [{"messages": [{"role": "system", "content": f"S{i}{salt}"}, {"role": "user", "content": f"q{i} " * (i % 5)},
+                          {"role": "assistant", "content": f"a{i}"}, {"role": "user", "content": "more?"},
+                          {"role": "assistant", "content": "no." * (1 + i % 3)}]} for i in range(n)]
+
+
+def test_tokenize_workers_equal_in_process(tmp_path, hf_dir):
+    import functools
+
+    from nanotulu import data
+
+    tok = load_tokenizer(hf_dir)
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(40))
+    fn = functools.partial(data._sft_row, tok=tok, template="tulu", add_bos=False)
+    one = data.tokenize_file(path, fn, "sft", tok, "tulu", {}, workers=0)
+    two = data.tokenize_file(path, fn, "sft", tok, "tulu", {}, workers=2, min_rows_per_worker=1)
+    assert one == two and one[0] == list(range(1, 41))
+    assert one[1][7] == tokenize_sft(chat_rows(40)[7]["messages"], tok, "tulu")
+    bad = write_jsonl(tmp_path / "bad.jsonl", chat_rows(30) + [{"messages": [{"role": "bot", "content": "x"}]}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:31: messages\[0\]\.role: unknown role 'bot'"):
+        data.tokenize_file(bad, fn, "sft", tok, "tulu", {}, workers=2, min_rows_per_worker=1)
+
+
+def test_tokenized_cache_hit_miss_and_other_ranks(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from nanotulu import data
+
+    tok = ByteTokenizer()
+    cache = str(tmp_path / "cache")
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(12))
+    first, stats = load_sft_dataset([(path, 0.5)], tok, "tulu", max_len=40, cache_dir=cache)
+    assert len(os.listdir(cache)) == 1 and not [f for f in os.listdir(cache) if ".tmp" in f]
+    real = data._read_and_tokenize
+    calls = []
+
+    def counted(*a, **kw):
+        calls.append(a[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(data, "_read_and_tokenize", counted)
+    # a second run, with another mix amount and max_len: the same file tokenized -> read from the cache
+    again, _ = load_sft_dataset([(path, 0.5)], tok, "tulu", max_len=40, cache_dir=cache)
+    assert again == first and calls == []
+    other, _ = load_sft_dataset([(path, None)], tok, "tulu", max_len=80, cache_dir=cache)
+    assert calls == [] and len(other) == 12
+    # another rank (rank 1 of a group) reads what rank 0 wrote, tokenizing nothing
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    assert load_sft_dataset([(path, 0.5)], tok, "tulu", max_len=40, cache_dir=cache)[0] == first and calls == []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    # what changes the tokens misses: the template, add_bos, the tokenizer, and the file itself
+    load_sft_dataset([(path, None)], tok, TULU_JINJA, cache_dir=cache)
+    load_sft_dataset([(path, None)], tok, "tulu", add_bos=True, cache_dir=cache)
+    assert len(calls) == 2
+    write_jsonl(path, chat_rows(12, salt="!"))  # same name, new content (and size, time)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    changed, _ = load_sft_dataset([(path, 0.5)], tok, "tulu", max_len=40, cache_dir=cache)
+    assert len(calls) == 3 and changed != first
+    text = tok.decode(changed[0]["input_ids"])
+    assert text.startswith("<|system|>\nS") and "!" in text
+    hf = load_tokenizer(make_hf_dir(tmp_path / "tok"))
+    load_sft_dataset([(path, 0.5)], hf, "tulu", max_len=40, cache_dir=cache)
+    assert len(calls) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Incremental prefix counts: the masks of every prefix encoded whole, at O(turns) cost
+
+
+def tricky_chats(seed=0, n=60):
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["Hello", " world", "2+2?", "  ", "\n", "é✓", "</s>", "<|user|>", "x ", " .", "?\n\n", "<s>", "4", "\t"]
+    chats = []
+    for _ in range(n):
+        msgs = []
+        if rng.random() < 0.5:
+            msgs.append({"role": "system", "content": "".join(rng.choices(pieces, k=rng.randint(0, 4)))})
+        for t in range(rng.randint(1, 4)):
+            for role in ("user", "assistant"):
+                msgs.append({"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(0, 6)))})
+            if rng.random() < 0.2:
+                msgs.append({"role": "system", "content": "".join(rng.choices(pieces, k=rng.randint(1, 3)))})
+        if rng.random() < 0.3:
+            msgs.append({"role": "user", "content": "last"})
+        chats.append(msgs)
+    return chats
+
+
+def other_tokenizer_dirs(root):
+    """Pre-tokenizer styles that treat a text's start or whitespace runs specially: GPT-2 style ByteLevel with a
+    prefix space, and Metaspace (sentencepiece style, prepending '▁' to the first piece only)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    dirs = []
+    for name, pre, dec in (("prefix_space", pre_tokenizers.ByteLevel(add_prefix_space=True), decoders.ByteLevel()),
+                           ("metaspace", pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace())):
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer, tok.decoder = pre, dec
+        alphabet = (pre_tokenizers.ByteLevel.alphabet() if name == "prefix_space"
+                    else list("▁abcdefghijklmnopqrstuvwxyz"))
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                      initial_alphabet=alphabet)
+        tok.train_from_iterator(CORPUS, trainer)
+        d = root / name
+        d.mkdir()
+        tok.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+        dirs.append(str(d))
+    return dirs
+
+
+def test_incremental_masks_equal_whole_prefix_encodes(hf_dir, tmp_path):
+    toks = [ByteTokenizer(), load_tokenizer(hf_dir)] + [load_tokenizer(d) for d in other_tokenizer_dirs(tmp_path)]
+    chats = tricky_chats() + [MULTI_TURN]
+    for tok in toks:
+        for msgs in chats:
+            for add_bos in (False, True):
+                fast = tokenize_sft(msgs, tok, "tulu", add_bos=add_bos)
+                slow = tokenize_sft(msgs, tok, "tulu", add_bos=add_bos, incremental=False)
+                assert fast == slow, (tok.name, msgs, add_bos)

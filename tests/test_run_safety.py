@@ -71,7 +71,8 @@ def test_dpo_too_little_data_fails_before_the_reference_pass(tmp_path):
     with pytest.raises(ValueError) as e:
         train_dpo.main(["--model", model, "--tokenizer", "byte", "--data", path, "--output_dir", str(tmp_path / "o"),
                         "--ref_cache_dir", str(cache)])
-    assert "10 pairs pack into 1 rows of 4096 tokens" in str(e.value) and "--batch_rows" in str(e.value), e.value
+    assert "10 pairs: fewer than one step of --batch_pairs 128" in str(e.value), e.value
+    assert "lower --batch_pairs (to 10 at most)" in str(e.value), e.value
     assert not cache.exists()  # no reference pass ran
 
 
