@@ -276,11 +276,13 @@ def make_mesh(cfg, world, device):
     return None
 
 
-def load_model(path, tok, device, cfg):
-    """An HF checkpoint in fp32 (master weights), embeddings grown to the tokenizer's vocabulary."""
+def load_model(path, tok, device, cfg, score_head=None):
+    """An HF checkpoint in fp32 (master weights), embeddings grown to the tokenizer's vocabulary.
+    score_head: see Llama.from_pretrained (True: a reward / value model)."""
     from nanotulu.model import Llama, resize_vocab
 
-    m = Llama.from_pretrained(path, dtype=torch.float32, device=device, attn_backend=cfg.attn_backend)
+    m = Llama.from_pretrained(path, dtype=torch.float32, device=device, attn_backend=cfg.attn_backend,
+                              score_head=score_head)
     return resize_vocab(m, max(tok.vocab_size, m.cfg.vocab_size))
 
 
