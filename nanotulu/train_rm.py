@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanotulu import checkpoint, common, data, embedded
+from nanotulu import checkpoint, common, data, embedded, losses
 from nanotulu.model import num_flops_per_token
 from nanotulu.train_dpo import embedded_sft_model, load_pairs, pair_docs, pair_length
 
@@ -66,14 +66,7 @@ def last_token_index(batch):
 
 def pair_rewards(model, batch, tp_group=None):
     """Rewards (P, 2) of the pairs of a stacked micro-batch: the score at each answer's last token."""
-    def head(hidden, score_weight):  # (B, T, H), (1, H) -> (B*T,) one scalar per token
-        if tp_group is not None:
-            from torch.distributed.tensor import DTensor
-            hidden = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
-            score_weight = score_weight.full_tensor() if isinstance(score_weight, DTensor) else score_weight
-        return (hidden.reshape(-1, hidden.shape[-1]) @ score_weight.to(hidden.dtype).T).squeeze(-1)
-
-    scores = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)
+    scores = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=losses.score_head(tp_group))
     return scores.float()[last_token_index(batch)]
 
 
