@@ -3,7 +3,9 @@
     python bench/bench_losses.py                  # GPU: N in {4096, 8192, 16384}, H 4096, V 128256, bf16
     python bench/bench_losses.py --cpu-smoke      # CPU: tiny fp32 shapes, Triton under TRITON_INTERPRET=1
 
-Each row is one loss = sum of token cross-entropies, forward then backward into hidden and weight. Time is the
+Each row is one loss = sum of token cross-entropies (or a GRPO-like per-token loss: "grpo"), forward then backward
+into hidden and weight. "nanotulu ce fused" / "grpo fused" are the default chunked loss-fused path (6NHV);
+"ce triton" / "logprobs triton" the memory-lean tile kernels (8NHV). Time is the
 median of --reps rounds, each synchronised; "x liger" divides by Liger FLCE's time in the same run; "% 6NHV" is
 the share of the cuBLAS bf16 matmul rate (torch.mm on the same (N,H) x (H,V) shapes, measured in this run) that
 6NHV FLOPs per step would reach: 100% means as fast as three plain matmuls. "extra GiB" is the peak memory above
@@ -49,7 +51,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from nanotulu.kernels import linear_cross_entropy, linear_logprobs  # noqa: E402
+from nanotulu.kernels import fused_linear_loss, linear_cross_entropy, linear_logprobs  # noqa: E402
 
 IGNORE = -100
 
@@ -87,6 +89,22 @@ def cut_cross_entropy(x, w, t):
     return cce(x, w, t, ignore_index=IGNORE, reduction="sum")
 
 
+def nanotulu_ce_fused(x, w, t):
+    # the default: chunked, gradient formed in the forward pass (6NHV); Triton rows on CUDA
+    return linear_cross_entropy(x, w, t, IGNORE, reduction="sum", impl="auto")
+
+
+def nanotulu_grpo_fused(x, w, t):
+    # a GRPO-like per-token loss (PPO ratio against fixed old log-probs, per-token advantages) on the same path:
+    # what RLVR and DPO pay, 6NHV with a per-token upstream gradient
+    adv = torch.linspace(-1.0, 1.0, x.shape[0], device=x.device)
+
+    def loss_fn(lp, en, s, e):
+        return -(torch.exp(lp - lp.detach()) * adv[s:e]).sum()
+
+    return fused_linear_loss(x, w, t, loss_fn, ignore_index=IGNORE)[0]
+
+
 def nanotulu_ce_triton(x, w, t):
     return linear_cross_entropy(x, w, t, IGNORE, reduction="sum", impl="triton")
 
@@ -106,6 +124,8 @@ METHODS = {
     "compiled chunked torch": compiled_chunked_torch,
     "liger flce": liger_flce,
     "cut cross-entropy": cut_cross_entropy,
+    "nanotulu ce fused": nanotulu_ce_fused,
+    "nanotulu grpo fused": nanotulu_grpo_fused,
     "nanotulu ce triton": nanotulu_ce_triton,
     "nanotulu ce torch-chunked": nanotulu_ce_torch,
     "nanotulu logprobs triton": nanotulu_logprobs_triton,

@@ -22,13 +22,13 @@ FLOP count (the softmax is negligible):
 - linear_logprobs (per-token upstream gradient, both impls): forward 2NHV (logits for the lse), backward 6NHV
   (recompute logits 2, dX 2, dW 2) = 8NHV. The upstream gradient is unknown in the forward pass, and the
   softmax needs a row's whole lse before any dz, so without keeping (N, V) logits 8NHV is the floor.
-- linear_cross_entropy, reduction sum/mean, impl "torch": the upstream gradient is one scalar, so the forward
-  pass computes lse, dz, dX and dW from the same logit block per chunk: 6NHV, and backward only scales.
-  The fused Triton kernels cannot reach 6NHV: holding a token's logits until its lse is known takes a
-  (tokens x V) block in memory, which is exactly what the tile-only kernels avoid; so the Triton path of
-  linear_cross_entropy is 8NHV like linear_logprobs. (A 6NHV Triton path needs a chunked logits buffer in HBM.)
+- linear_cross_entropy, reduction sum/mean (impl auto, fused, torch): the chunked loss-fused path of
+  chunked_loss.py, 6NHV (gradient formed in the forward pass), and what DPO and GRPO use through
+  fused_linear_loss. The tile kernels here are the memory-lean option: no logits in memory, 8NHV.
 
-dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative). The deterministic alternative
+dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative), launched on a diagonal grid
+so that CTAs running together add into different dW and dX tiles (see _grads_kernel): the atomics are as many as
+before (N/BLOCK_N x V x H adds to dW) but no longer queue on the same addresses. The deterministic alternative
 (a program owns V rows of dW and loops over all tokens) cannot hold its BLOCK_V x H fp32 accumulator on chip at
 H = 4096 and would either read/write it in HBM once per token tile or recompute the logits once per H block;
 both cost far more than the atomics. To bound the fp32 scratch, the grads kernel runs once per chunk of
@@ -120,8 +120,15 @@ def _grads_kernel(X, W, T, LSE, GT, CA, CB, DX, DW,  # DX (N, H) fp32, DW (V, H)
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # One program: one (BLOCK_N, BLOCK_V) tile: recompute z, form dz, add dz W to dX and dz^T X to dW.
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Diagonal order of the 1-D grid: program L takes token block n = L mod n_blocks and vocab tile
+    # v = (L div n_blocks + n) mod v_tiles (a bijection onto all tiles). CTAs resident together (consecutive L)
+    # then hold distinct token blocks AND distinct vocab tiles, so no dW row tile (nor dX row block) is the
+    # target of more than ~2-3 concurrent atomic streams; the plain (n fastest) order sent every resident CTA's
+    # dW atomics to the same one or two vocab tiles (128-way contention at N = 8192, BLOCK_N = 64).
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % n_blocks
+    pid_v = (pid // n_blocks + pid_n) % tl.cdiv(V, BLOCK_V)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     t = tl.load(T + rows, mask=row_ok, other=ignore_index)
@@ -162,20 +169,32 @@ def _grads_kernel(X, W, T, LSE, GT, CA, CB, DX, DW,  # DX (N, H) fp32, DW (V, H)
 # ---------------------------------------------------------------------------------------------------------------
 # Triton launchers
 # ---------------------------------------------------------------------------------------------------------------
+# Default GPU launch configurations, (kernel, constexprs, num_warps, num_stages): the launchers read them and
+# `python -m nanotulu.kernels.report` compiles each for sm_90a (tests/test_sm90_compile.py fails on any spill).
+# Chosen by compiling for sm_90a (kernels/report.py): the former 128x128x64 stats and 64x128x64 grads tiles took
+# 255 registers and spilled 256 / 400 bytes to local memory (the online softmax keeps several (BLOCK_N, BLOCK_V)
+# fp32 temporaries; the grads kernel holds dz and two (., BLOCK_H) products). Halving one tile dimension of the
+# stats (BLOCK_V 64) and the k-step of the grads (BLOCK_H 32) removes the spills at the same token block.
+GPU_CONFIGS = [
+    ("_stats_kernel", dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64), 8, 3),
+    ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=True, COMPUTE_DW=True), 8, 3),
+    ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=True, COMPUTE_DW=False), 8, 3),
+    ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=False, COMPUTE_DW=True), 8, 3),
+]
+
+
 def _triton_config(hidden, kernel, block_n, block_v, block_h):
     if INTERPRET or not hidden.is_cuda:
         # the interpreter runs each program in numpy: few, mid-sized tiles; fp32 dots (bf16 is garbage there)
         dot_dtype, precision = tl.float32, "ieee"
-        defaults = (16, 32, 32, 1)
+        bn, bv, bh, warps, stages = 16, 32, 32, 1, 1
     else:
         dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(hidden.dtype, tl.float32)
         precision = "ieee" if dot_dtype == tl.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
-        # GEMM-like 128 x 128 logit tiles for the stats; the grads kernel also holds dz and two partial
-        # products, so half the tokens per tile. Untuned guesses: no GPU was at hand when this was written.
-        defaults = (128, 128, 64, 8) if kernel == "stats" else (64, 128, 64, 8)
-    bn, bv, bh, warps = defaults
+        c, warps, stages = next((c, w, st) for k, c, w, st in GPU_CONFIGS if k == "_" + kernel + "_kernel")
+        bn, bv, bh = c["BLOCK_N"], c["BLOCK_V"], c["BLOCK_H"]
     return dict(BLOCK_N=block_n or bn, BLOCK_V=block_v or bv, BLOCK_H=block_h or bh,
-                DOT_DTYPE=dot_dtype, PRECISION=precision), warps
+                DOT_DTYPE=dot_dtype, PRECISION=precision), warps, stages
 
 
 def _triton_stats(hidden, weight, targets, vocab_start, ignore_index, n_split=None,
@@ -183,7 +202,7 @@ def _triton_stats(hidden, weight, targets, vocab_start, ignore_index, n_split=No
     N, H = hidden.shape
     V = weight.shape[0]
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    cfg, warps = _triton_config(hidden, "stats", block_n, block_v, block_h)
+    cfg, warps, stages = _triton_config(hidden, "stats", block_n, block_v, block_h)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     v_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     if n_split is None:
@@ -197,7 +216,7 @@ def _triton_stats(hidden, weight, targets, vocab_start, ignore_index, n_split=No
     ez_p = torch.empty_like(lse_p)
     _stats_kernel[(n_blocks, n_split)](
         hidden, weight, targets, lse_p, tgt_p, ez_p, N, V, H, vocab_start, ignore_index, v_per_split,
-        hidden.stride(0), weight.stride(0), num_warps=warps, **cfg)
+        hidden.stride(0), weight.stride(0), num_warps=warps, num_stages=stages, **cfg)
     # combine the splits, (n_split, N) -> (N,): all on device, no sync
     valid = targets != ignore_index
     lse = torch.logsumexp(lse_p, dim=0)
@@ -211,7 +230,7 @@ def _triton_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab
     N, H = hidden.shape
     V = weight.shape[0]
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    cfg, warps = _triton_config(hidden, "grads", block_n, block_v, block_h)
+    cfg, warps, stages = _triton_config(hidden, "grads", block_n, block_v, block_h)
     dx = torch.zeros(N, H, dtype=torch.float32, device=hidden.device) if need_hidden else None
     dw = torch.empty_like(weight) if need_weight else None
     if v_chunk is None:
@@ -228,11 +247,11 @@ def _triton_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab
             dw_c.zero_()
         else:
             dw_c = lse  # unused pointer
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, cfg["BLOCK_V"]))
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(v1 - v0, cfg["BLOCK_V"]),)  # diagonal order
         _grads_kernel[grid](
             hidden, w_c, targets, lse, g_target, coef_p, coef_pz, dx if need_hidden else lse, dw_c,
             N, v1 - v0, H, vocab_start + v0, ignore_index, hidden.stride(0), w_c.stride(0),
-            H, H, COMPUTE_DX=need_hidden, COMPUTE_DW=need_weight, num_warps=warps, **cfg)
+            H, H, COMPUTE_DX=need_hidden, COMPUTE_DW=need_weight, num_warps=warps, num_stages=stages, **cfg)
         if dw32 is not None:
             dw[v0:v1].copy_(dw_c)
     return dx, dw
@@ -310,10 +329,10 @@ def _torch_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab_
 # Low-level primitives (explicit vocab offset, external lse): what the vocab-parallel combine is built on
 # ---------------------------------------------------------------------------------------------------------------
 def _resolve_impl(impl, hidden):
-    if impl == "auto":
+    if impl in ("auto", "fused"):  # per-token log-probs with an unknown upstream gradient: nothing to fuse
         return "triton" if hidden.is_cuda else "torch"
     if impl not in ("triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'fused', 'triton' or 'torch', got {impl!r}")
     return impl
 
 
@@ -409,46 +428,6 @@ class _LinearLogprobsFn(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None, None
 
 
-class _TorchCrossEntropyFn(torch.autograd.Function):
-    """Sum or mean cross-entropy, chunked torch, gradient computed in the forward pass (6NHV)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, mean, need_hidden, need_weight, chunk_size):
-        N, H = hidden.shape
-        V = weight.shape[0]
-        chunk = chunk_size or _default_chunk(V)
-        valid, inside, t_idx = _target_index(targets, V, 0, ignore_index)
-        n_valid = valid.sum().clamp(min=1).float()  # stays on device
-        scale = (1.0 / n_valid) if mean else torch.ones((), device=hidden.device)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        dx = torch.zeros(N, H, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        dw32 = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if need_weight else None
-        w_t = weight.t()
-        for s in range(0, N, chunk):
-            e = s + chunk
-            z = _mm_f32(hidden[s:e], w_t)  # (C, V) fp32, used for the loss and the gradient
-            lse = torch.logsumexp(z, dim=1)
-            tgt = z.gather(1, t_idx[s:e, None]).squeeze(1)
-            loss += torch.where(valid[s:e], lse - tgt, 0.0).sum()
-            if need_hidden or need_weight:
-                g = torch.where(valid[s:e], -scale, 0.0)  # d loss / d logp per token
-                dz = _torch_dz(z, lse, g, -g, torch.zeros_like(g), valid[s:e], inside[s:e], t_idx[s:e])
-                if need_hidden:
-                    dx[s:e] = _mm_f32(dz, weight)
-                if need_weight:
-                    dw32 += _mm_f32(dz.t(), hidden[s:e])
-        ctx.save_for_backward(dx, dw32)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return loss * scale
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw32 = ctx.saved_tensors
-        d_hidden = (dx * grad_loss).to(ctx.dtypes[0]) if dx is not None else None
-        d_weight = (dw32 * grad_loss).to(ctx.dtypes[1]) if dw32 is not None else None
-        return d_hidden, d_weight, None, None, None, None, None, None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,16 +460,31 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="
 
     reduction: "sum" (sum over trained tokens), "mean" (sum / max(trained tokens, 1): 0 when all are ignored,
     where torch's cross_entropy gives nan), "none" ((N,) fp32, 0 where ignored). Returns fp32.
+    impl for sum/mean: "auto" (the chunked loss-fused path of chunked_loss.py, 6NHV: Triton rows on CUDA, torch
+    rows on CPU), "fused" (that path with the Triton row kernels, interpreted on CPU), "torch" (that path with
+    torch rows), "triton" (the tile-only kernels, 8NHV, no logits in memory). reduction "none" goes through
+    linear_logprobs (8NHV: the per-token upstream gradient is unknown in the forward).
     """
     _check_inputs(hidden, weight, targets)
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    if impl not in ("auto", "fused", "triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'fused', 'triton' or 'torch', got {impl!r}")
+    if reduction != "none" and impl != "triton":
+        from .chunked_loss import fused_linear_loss
+
+        valid = targets != ignore_index
+        # mean: the normaliser is counted on device before the chunks (no host sync)
+        scale = 1.0 / valid.sum().clamp(min=1).float() if reduction == "mean" else None
+
+        def loss_fn(logp, _entropy, start, end):
+            total = -logp.sum()
+            return total if scale is None else total * scale
+
+        row_impl = {"auto": "auto", "fused": "triton", "torch": "torch"}[impl]
+        return fused_linear_loss(hidden, weight, targets, loss_fn, ignore_index=ignore_index,
+                                 chunk_size=chunk_size, row_impl=row_impl)[0]
     impl = _resolve_impl(impl, hidden)
-    if reduction != "none" and impl == "torch":
-        grad = torch.is_grad_enabled()
-        need_hidden, need_weight = grad and hidden.requires_grad, grad and weight.requires_grad
-        return _TorchCrossEntropyFn.apply(hidden, weight, targets, ignore_index, reduction == "mean",
-                                          need_hidden, need_weight, chunk_size)
     kw = {} if chunk_size is None or impl != "torch" else dict(stats=dict(chunk_size=chunk_size),
                                                                grads=dict(chunk_size=chunk_size))
     losses = -linear_logprobs(hidden, weight, targets, ignore_index, impl=impl, **kw)

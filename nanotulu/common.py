@@ -31,7 +31,8 @@ class RunFlags:
     resume: bool = dataclasses.field(default=True, metadata={"help": "continue from the latest checkpoint"})
     precision: str = dataclasses.field(default="auto", metadata={"help": "bf16 | fp32 | auto (bf16 on GPU)"})
     attn_backend: str = dataclasses.field(default="auto", metadata={"help": "auto | sdpa | flex | varlen"})
-    loss_impl: str = dataclasses.field(default="auto", metadata={"help": "fused loss: auto | triton | torch"})
+    loss_impl: str = dataclasses.field(default="auto", metadata={"help": "fused loss: auto (chunked, "
+                                                                          "6NHV) | fused | triton | torch"})
     dp_shard: int = dataclasses.field(default=-1, metadata={"help": "data-parallel shards (-1: world / tp)"})
     tp: int = dataclasses.field(default=1, metadata={"help": "tensor-parallel degree"})
     compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile each block"})

@@ -584,19 +584,24 @@ def stack_rows(rows, device, per_position=()):
 
 def stack_pair_rows(rows, device):
     """stack_rows for rows of preference pairs (each pair = two consecutive documents, chosen then rejected), plus
-    doc_segments (P, 2): the cu_seqlens segment of each pair's chosen and rejected document, and pair_ids (P,)."""
+    doc_segments (P, 2): the cu_seqlens segment of each pair's chosen and rejected document, pair_ids (P,), and
+    pair_starts / row_starts: flat token positions (host ints) where the fused loss may cut its chunks."""
     import torch
 
     batch = stack_rows(rows, device)
-    segs, ids, offset = [], [], 0
-    for r in rows:
+    segs, ids, offset, starts = [], [], 0, []
+    T = rows[0]["input_ids"].numel()
+    for i, r in enumerate(rows):
         n_pairs = len(r["example_ids"])
+        starts += [i * T + int(r["cu_seqlens"][2 * j]) for j in range(n_pairs)]
         segs += [[offset + 2 * j, offset + 2 * j + 1] for j in range(n_pairs)]
         ids += r["example_ids"]
         offset += r["cu_seqlens"].numel() - 1  # documents plus the padding tail, if any
         assert 2 * n_pairs <= r["cu_seqlens"].numel() - 1
     batch["doc_segments"] = torch.tensor(segs, dtype=torch.long, device=device).view(-1, 2)
     batch["pair_ids"] = torch.tensor(ids, dtype=torch.long, device=device)
+    # host ints: where the fused loss may cut its chunks of tokens (pair starts, row starts), no device sync
+    batch["pair_starts"], batch["row_starts"] = starts, [i * T for i in range(len(rows))]
     return batch
 
 

@@ -6,8 +6,17 @@ import torch.distributed as dist
 
 def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
     """A `head` for Llama.forward: fused per-token loss from hidden (B, T, H) and the output weight (V, H).
-    Under tensor parallel the weight is a vocab shard and the vocab-parallel kernel combines the shards."""
+    fn: "cross_entropy_sum" (a scalar), "logprobs" ((B*T,) log-probs, 8NHV with their backward), or "fused":
+    kw are kernels.fused_linear_loss's loss_fn / cuts / return_entropy, the head returns (loss, logp, entropy)
+    with the gradient formed in the forward pass (6NHV). impl "auto" and "fused" take the fused path for
+    "cross_entropy_sum" too ("fused": Triton row kernels even on CPU, interpreted); "triton" / "torch" the 8NHV
+    kernels. Under tensor parallel the weight is a vocab shard and the kernels combine the shards."""
     from nanotulu import kernels
+
+    fused = fn == "fused" or (fn == "cross_entropy_sum" and impl in ("auto", "fused"))
+    row_impl = "triton" if impl == "fused" else "auto"
+    if fn == "cross_entropy_sum" and fused:
+        kw = dict(loss_fn=lambda lp, en, s, e: -lp.sum())
 
     def head(hidden, weight):
         if tp_group is not None:
@@ -18,6 +27,10 @@ def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
             local = weight.to_local() if isinstance(weight, DTensor) else weight
             h = hidden.reshape(-1, hidden.shape[-1]).to(local.dtype)
             start = local.shape[0] * dist.get_rank(tp_group)
+            if fused:
+                out = kernels.fused_linear_loss(h, local, targets.reshape(-1), row_impl=row_impl, vocab_start=start,
+                                                tp_group=tp_group, **kw)
+                return out[0] if fn == "cross_entropy_sum" else out
             logps = kernels.vocab_parallel_linear_logprobs(h, local, targets.reshape(-1), start, tp_group,
                                                            impl=impl)
             if fn == "logprobs":
@@ -26,6 +39,9 @@ def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
         h = hidden.reshape(-1, hidden.shape[-1])
         if h.dtype != weight.dtype:
             h = h.to(weight.dtype)
+        if fused:
+            out = kernels.fused_linear_loss(h, weight, targets.reshape(-1), row_impl=row_impl, **kw)
+            return out[0] if fn == "cross_entropy_sum" else out
         if fn == "cross_entropy_sum":
             return kernels.linear_cross_entropy(h, weight, targets.reshape(-1), reduction="sum", impl=impl)
         return kernels.linear_logprobs(h, weight, targets.reshape(-1), impl=impl, **kw)

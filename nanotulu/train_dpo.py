@@ -11,6 +11,7 @@ computed once, before training, in a no-grad pass, and cached on disk under a ha
 so no reference model is held in memory while training (or --ref_mode online keeps one).
 """
 
+import bisect
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -161,16 +162,36 @@ def segment_sums(values, cu_seqlens, n_segments):
     return torch.zeros(n_segments, device=values.device, dtype=values.dtype).index_add_(0, seg, values)
 
 
-def pair_logps(model, batch, impl, tp_group=None):
+def pair_logps(model, batch, impl, tp_group=None, pair_loss=None):
     """Policy (or reference) answer log-likelihoods of the pairs in a stacked micro-batch:
-    -> (logps (P, 2) summed over answer tokens, counts (P, 2) answer tokens), chosen in column 0."""
-    head = losses.loss_head("logprobs", batch["targets"], impl, tp_group)
-    logps = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)  # (B*T,)
+    -> (logps (P, 2) summed over answer tokens, counts (P, 2) answer tokens), chosen in column 0.
+    With pair_loss(logps (p, 2), counts (p, 2), p0, p1) -> summed loss of pairs [p0, p1), on impl auto / fused the
+    kernel forms that loss and its gradient in the forward pass, in chunks cut on pair starts (6NHV), and the
+    result is (logps detached, counts, loss)."""
     n_seg = batch["cu_seqlens"].numel() - 1
-    sums = segment_sums(logps, batch["cu_seqlens"], n_seg)
     counts = segment_sums((batch["targets"].reshape(-1) != data.IGNORE_INDEX).float(), batch["cu_seqlens"], n_seg)
     idx = batch["doc_segments"]  # (P, 2) segment index of each pair's chosen and rejected document
-    return sums[idx], counts[idx]
+    if pair_loss is None or impl not in ("auto", "fused"):
+        head = losses.loss_head("logprobs", batch["targets"], impl, tp_group)
+        logps = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)  # (B*T,)
+        sums = segment_sums(logps, batch["cu_seqlens"], n_seg)[idx]
+        if pair_loss is None:
+            return sums, counts[idx]
+        return sums, counts[idx], pair_loss(sums, counts[idx], 0, idx.shape[0])
+    starts = batch["pair_starts"]  # host ints, in token order: a chunk [s, e) holds whole pairs p0 <= p < p1
+    n_tok = batch["targets"].numel()
+    seg = torch.searchsorted(batch["cu_seqlens"][1:].contiguous(),
+                             torch.arange(n_tok, device=idx.device, dtype=batch["cu_seqlens"].dtype), right=True)
+
+    def loss_fn(lp, _entropy, s, e):
+        p0, p1 = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
+        sums = torch.zeros(n_seg, device=lp.device, dtype=lp.dtype).index_add(0, seg[s:e], lp)
+        return pair_loss(sums[idx[p0:p1]], counts[idx[p0:p1]], p0, p1)
+
+    head = losses.loss_head("fused", batch["targets"], impl, tp_group, loss_fn=loss_fn,
+                            cuts=starts + batch["row_starts"])
+    loss, logps, _ = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)
+    return segment_sums(logps, batch["cu_seqlens"], n_seg)[idx], counts[idx], loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,14 +303,19 @@ def dpo_backward(model, micro, ref_logps, loss_kwargs, impl="auto", mesh=None, u
                                     common.dp_group(mesh))
     sums = torch.zeros(7, device=device)
     for m in micro:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pi, counts = pair_logps(model, m, impl, common.tp_group(mesh))  # (P, 2) each
         ref = ref_logps(m)
-        ref = torch.zeros_like(pi) if ref is None else ref
-        losses, rc, rr = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
-                                  **loss_kwargs)
+
+        def pair_loss(pi, counts, p0, p1):  # summed loss of pairs [p0, p1)
+            r = torch.zeros_like(pi) if ref is None else ref[p0:p1]
+            return dpo_loss(pi[:, 0], pi[:, 1], r[:, 0], r[:, 1], counts[:, 0], counts[:, 1], **loss_kwargs)[0].sum()
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            pi, counts, loss = pair_logps(model, m, impl, common.tp_group(mesh), pair_loss)  # (P, 2), (P, 2), ()
         # x dp_world: data-parallel gradient reduction averages over ranks, the batch mean wants their sum
-        (losses.sum() * dp_world / n_pairs).backward()
+        (loss * dp_world / n_pairs).backward()
+        ref = torch.zeros_like(pi) if ref is None else ref
+        losses, rc, rr = dpo_loss(pi[:, 0].detach(), pi[:, 1].detach(), ref[:, 0], ref[:, 1], counts[:, 0],
+                                  counts[:, 1], **loss_kwargs)
         sums += torch.stack([losses.sum().detach(), rc.sum(), rr.sum(), (rc > rr).float().sum(),
                              pi[:, 0].detach().sum(), pi[:, 1].detach().sum(), counts.sum()])
     return sums, n_pairs

@@ -110,18 +110,24 @@ def grpo_token_loss(logp, old_logp, ref_logp, adv, clip_eps, beta, kl_kind):
     return pg + beta * kl, kl.detach(), clipped
 
 
-def token_logps(model, batch, temperature, impl, tp_group=None, entropy=False):
+def token_logps(model, batch, temperature, impl, tp_group=None, entropy=False, loss_fn=None):
     """Per-token log-probs (B*T,) of the next token at the sampling temperature (0 where not trained), and the
-    entropy of the tempered distribution when asked (without tensor parallel)."""
-    want_entropy = entropy and tp_group is None
-    base = losses.loss_head("logprobs", batch["targets"], impl, tp_group,
-                            **({"return_entropy": True} if want_entropy else {}))
+    entropy of the tempered distribution when asked (without tensor parallel, except on the fused path).
+    With loss_fn (the loss of a chunk of tokens, see kernels.fused_linear_loss) the fused kernel also forms that
+    loss and its gradient in the forward pass (6NHV): -> (loss, logp detached, entropy detached or None)."""
+    want_entropy = entropy and (tp_group is None or loss_fn is not None)
+    if loss_fn is not None:
+        base = losses.loss_head("fused", batch["targets"], impl, tp_group, loss_fn=loss_fn,
+                                return_entropy=want_entropy)
+    else:
+        base = losses.loss_head("logprobs", batch["targets"], impl, tp_group,
+                                **({"return_entropy": True} if want_entropy else {}))
 
     def head(hidden, weight):  # logits / T == (hidden / T) @ W^T
         return base(hidden / temperature, weight)
 
     out = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], head=head)
-    return out if want_entropy else (out, None)
+    return out if (want_entropy or loss_fn is not None) else (out, None)
 
 
 def rollout_rows(prompts, responses, per_seq, capacity, pad_id):
@@ -157,14 +163,23 @@ def grpo_backward(model, micro, cfg, impl="auto", mesh=None, use_bf16=False):
     device = micro[0]["input_ids"].device
     n_tokens = common.all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), common.dp_group(mesh))
     sums = torch.zeros(5, device=device)
+    fused = impl in ("auto", "fused")  # the gradient formed in the forward pass, chunk by chunk (6NHV)
     for m in micro:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logp, ent = token_logps(model, m, cfg.temperature, impl, common.tp_group(mesh), entropy=True)
         mask = (m["targets"].reshape(-1) != -100).float()
         ref = m["ref_logp"] if cfg.beta > 0 else None
-        loss_tok, kl, clipped = grpo_token_loss(logp, m["old_logp"], ref, m["adv"], cfg.clip_eps, cfg.beta,
-                                                cfg.kl_estimator)
-        loss = (loss_tok * mask).sum()
+
+        def token_loss(lp, s=0, e=None):  # GRPO loss of tokens [s, e)
+            return grpo_token_loss(lp, m["old_logp"][s:e], None if ref is None else ref[s:e], m["adv"][s:e],
+                                   cfg.clip_eps, cfg.beta, cfg.kl_estimator)
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            if fused:
+                loss, logp, ent = token_logps(model, m, cfg.temperature, impl, common.tp_group(mesh), entropy=True,
+                                              loss_fn=lambda lp, en, s, e: (token_loss(lp, s, e)[0] * mask[s:e]).sum())
+            else:
+                logp, ent = token_logps(model, m, cfg.temperature, impl, common.tp_group(mesh), entropy=True)
+                loss = (token_loss(logp)[0] * mask).sum()
+        _, kl, clipped = token_loss(logp.detach())
         (loss * dp_world / n_tokens.clamp(min=1)).backward()
         ent_sum = (ent.detach() * mask).sum() if ent is not None else torch.zeros((), device=device)
         sums += torch.stack([loss.detach(), (kl * mask).sum(), (clipped.float() * mask).sum(), ent_sum, mask.sum()])

@@ -113,14 +113,20 @@ def test_packed_pair_logps_equal_unpacked():
                 assert abs(logps[i, j].item() - want.item()) < 1e-4 * abs(want.item())
 
 
-def test_dpo_step_fused_kernel_equals_plain_torch():
-    """One DPO step (dpo_norm) through the Triton kernel (interpreted) == the same step from full logits."""
+@pytest.mark.parametrize("impl,loss_type", [("triton", "dpo_norm"), ("auto", "dpo_norm"), ("fused", "dpo"),
+                                            ("auto", "simpo"), ("auto", "ipo")])
+def test_dpo_step_fused_kernel_equals_plain_torch(impl, loss_type):
+    """One DPO step through the fused kernels == the same step from full logits. triton: the tile kernels
+    (interpreted, 8NHV); auto: the chunked loss-fused path (torch rows on CPU), chunks cut on pair starts;
+    fused: the same with the Triton row kernels (interpreted)."""
     tok, pairs = make_pairs(3)
     model = build_model(TINY, seed=2)
     batch = packed_batch(tok, pairs, capacity=384)
     ref = torch.randn(len(pairs), 2, dtype=torch.float32) * 5 - 60
-    kw = dict(loss_type="dpo_norm", beta=5.0)
-    sums, n_pairs = dpo_backward(model, [batch], lambda m: ref[m["pair_ids"]], kw, impl="triton")
+    kw = dict(loss_type=loss_type, beta=5.0 if loss_type != "ipo" else 0.5, label_smoothing=0.1)
+    if loss_type == "ipo":
+        kw["label_smoothing"] = 0.0
+    sums, n_pairs = dpo_backward(model, [batch], lambda m: ref[m["pair_ids"]], kw, impl=impl)
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 

@@ -3,12 +3,12 @@
 The Triton kernels run on CPU under TRITON_INTERPRET=1 (set in conftest.py): shapes are small and chosen so
 that N and V are not multiples of any block size and whole token tiles are ignored.
 """
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nanotulu import common
 from nanotulu.kernels import (
     linear_cross_entropy,
     linear_logprobs,
@@ -261,15 +261,9 @@ def _vocab_parallel_worker(rank, world, port, impl):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_vocab_parallel_gloo(impl):
-    torch.multiprocessing.spawn(_vocab_parallel_worker, args=(2, _free_port(), impl), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_vocab_parallel_worker, args=(2, common.free_port(), impl), nprocs=2, join=True)
 
 
 def test_bench_script_cpu_smoke():

@@ -1,4 +1,4 @@
-"""Verifiers, batch verification and RLVR loading (nanotulu/rewards.py).
+"""Verifiers, batch verification and RLVR loading (the nanotulu/rewards package).
 
 Every expected score below was decided by hand from the instruction's wording (IFEval's / Tulu's definitions),
 not by running the code under test."""
@@ -12,6 +12,9 @@ import time
 import pytest
 
 from nanotulu import rewards
+from nanotulu.rewards import ifeval
+from nanotulu.rewards import math as math_verifier
+from nanotulu.rewards import pool as reward_pool
 from nanotulu.rewards import (
     IFEVAL_INSTRUCTIONS,
     TULU_IF_FUNCTIONS,
@@ -53,6 +56,10 @@ GSM8K_CASES = [
     ("1/2 of the apples are red.", "0.5", 0.0),  # gsm8k takes the last number (2), it does not evaluate fractions
     ("I am not sure how to solve this.", "4", 0.0),
     ("First 12, then 15, finally the answer is 20.", "15", 0.0),  # only the last number counts
+    ("The temperature is \u22125 degrees.", "-5", 1.0),  # U+2212, the typeset minus sign
+    ("The temperature is \u22125 degrees.", "5", 0.0),
+    ("It is -5 degrees.", "\u22125", 1.0),  # a ground truth written with U+2212
+    ("She read pages 10\u201312 today.", "12", 1.0),  # an en dash is a range, not a minus
 ]
 
 
@@ -83,6 +90,9 @@ MATH_CASES = [
     (r"The interval is $\boxed{[-2, 7]}$.", "[-2,7]", 1.0),
     (r"The interval is $\boxed{(-2, 7)}$.", "[-2,7]", 0.0),
     (r"It costs \boxed{\$18.90}.", r"\$18.90", 1.0),
+    (r"So the total is $\$18.90$.", r"\$18.90", 1.0),  # an escaped dollar inside math mode is the currency sign
+    (r"So the total is $\$18.90$.", "18.90", 1.0),
+    (r"So the total is $\$18.80$.", "18.90", 0.0),
     (r"The answer is $\boxed{\frac{\pi}{4}}$", r"\frac{\pi}{4}", 1.0),
     (r"The answer is $\boxed{\frac{\pi}{2}}$", r"\frac{\pi}{4}", 0.0),
     ("the answer is 3/4", r"\frac{3}{4}", 1.0),  # raw text, no LaTeX
@@ -101,7 +111,7 @@ def test_math(response, gt, expected):
 
 def test_math_hang_in_process_is_cut_by_math_verify_timeout(monkeypatch):
     # workers=0 has no pool to kill a hanging answer: math-verify's own SIGALRM timeout must stop it.
-    monkeypatch.setattr(rewards, "MATH_TIMEOUT_S", 1)
+    monkeypatch.setattr(math_verifier, "MATH_TIMEOUT_S", 1)
     t0 = time.monotonic()
     assert verify("math", HANGING, "1") == 0.0
     assert time.monotonic() - t0 < 10
@@ -115,6 +125,9 @@ def test_math_extraction_order():
     assert ext(r"we have $a=1$ and then $b = 2$ at last") == ("b = 2", "dollars")
     assert ext("  42 ") == ("42", "raw")
     assert ext(r"cut off \boxed{3} then \boxed{4") == ("3", "boxed")  # unbalanced last box: the previous one
+    assert ext(r"It costs $\$18.90$ in all") == (r"\$18.90", "dollars")  # \$ neither opens nor closes math mode
+    assert ext(r"from \$5 to $x = 7$") == ("x = 7", "dollars")
+    assert ext(r"pay \$5 or \$6") == (r"pay \$5 or \$6", "raw")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -255,7 +268,7 @@ def test_ifeval_table_lists_all_25_types():
     assert len(IFEVAL_INSTRUCTIONS) == 25
     assert set(IFEVAL_CASES) == set(IFEVAL_INSTRUCTIONS)
     for iid in IFEVAL_INSTRUCTIONS:  # the documented list in the comment above the table names every id
-        assert iid in open(rewards.__file__).read().split("IFEVAL_INSTRUCTIONS = {")[0]
+        assert iid in open(ifeval.__file__).read().split("IFEVAL_INSTRUCTIONS = {")[0]
 
 
 @pytest.mark.parametrize("iid", sorted(IFEVAL_CASES))
@@ -273,7 +286,7 @@ def test_ifeval_fraction_and_all_or_nothing():
     assert verify("ifeval", "a short lowercase answer.", gt) == 1.0
     assert verify("ifeval", "A short answer.", gt) == 0.5  # one of two followed
     assert verify("ifeval", "A short answer.", gt, ifeval_all_or_nothing=True) == 0.0
-    assert verify("ifeval", ("word " * 60).strip(), gt) == 0.5  # lowercase yes, 60 words not < 50
+    assert verify("ifeval", ("the cat sat on the mat " * 10).strip(), gt) == 0.5  # lowercase English, 60 words
     # An empty answer follows nothing (else "no commas" would reward silence); reasoning before </think> is ignored.
     assert verify("ifeval", "   ", ifeval_gt("punctuation:no_comma")) == 0.0
     thinking = "<think>First, commas, commas.</think>No commas here."
@@ -307,12 +320,34 @@ def test_ifeval_bad_ground_truth_errors():
 
 
 def test_sentence_and_word_counts():
-    # Hand-counted: abbreviations, acronyms, ellipses, decimals and web addresses do not end a sentence.
+    # IFEval counts sentences with NLTK's Punkt English model: abbreviations it learned (Mr., p.m.), acronyms before
+    # a lower-case word, ellipses mid-sentence and decimals do not end a sentence; before a capitalised sentence
+    # starter ("He") even "U.S." does; "e.g." is not among its abbreviations; a list number "1." is a sentence.
     text = "Mr. Brown lives in the U.S.A. He likes tea... and cake! Does he?"
     assert rewards.split_sentences(text) == ["Mr. Brown lives in the U.S.A.", "He likes tea... and cake!", "Does he?"]
-    assert len(rewards.split_sentences("Pi is about 3.14. See example.com for more, e.g. the history.")) == 2
+    assert rewards.split_sentences("He moved to the U.S. He likes it.") == ["He moved to the U.S.", "He likes it."]
+    assert len(rewards.split_sentences("The U.S. economy grew by 2.5 percent at 3 p.m. today.")) == 1
+    assert rewards.split_sentences("Pi is about 3.14. See example.com, e.g. the history.") == [
+        "Pi is about 3.14.", "See example.com, e.g.", "the history."]
+    assert rewards.split_sentences("Steps:\n1. Boil water.\n2. Add tea.") == [
+        "Steps:\n1.", "Boil water.", "2.", "Add tea."]
     assert len(rewards.split_sentences("no final stop here")) == 1
     assert rewards.count_words("Don't stop-believing, 2 times!") == 6  # \w+ tokens: Don t stop believing 2 times
+
+
+def test_capital_words_tokenized_like_nltk_word_tokenize():
+    # IFEval counts all-capital words among nltk.word_tokenize tokens: "U.S." is one token, a sentence-final "P.S."
+    # loses its period, "O'Brien" and "US-Dollar" stay whole (US-Dollar is not all capitals), "DON'T" -> DO, N'T.
+    text = "The U.S. and O'Brien pay in US-Dollar. DON'T ask about the P.S."
+    assert ifeval.word_tokenize(text) == ["The", "U.S.", "and", "O'Brien", "pay", "in", "US-Dollar", ".",
+                                          "DO", "N'T", "ask", "about", "the", "P.S", "."]
+    capitals = [w for w in ifeval.word_tokenize(text) if w.isupper()]
+    assert capitals == ["U.S.", "DO", "N'T", "P.S"]  # \w+ words would have given 7: U S O US DON T P S
+    gt = lambda relation, n: ifeval_gt("change_case:capital_word_frequency", capital_relation=relation,
+                                       capital_frequency=n)
+    assert verify("ifeval", text, gt("at least", 4)) == 1.0
+    assert verify("ifeval", text, gt("less than", 5)) == 1.0
+    assert verify("ifeval", text, gt("at least", 5)) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -381,7 +416,7 @@ def test_tulu_bad_ground_truth_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# language heuristic
+# language detection (langdetect, as IFEval)
 # ---------------------------------------------------------------------------------------------------------------------
 
 LANGUAGE_CASES = [
@@ -419,9 +454,31 @@ LANGUAGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("text,code", LANGUAGE_CASES)
+# Texts that a script + function-word heuristic got wrong: a Hindi text with the letter छ inside words (read as
+# Nepali), a Marathi haiku without Marathi's frequent words (read as Hindi), Bulgarian without its distinctive words
+# (read as Russian), short Italian (read as English).
+HARD_LANGUAGE_CASES = [
+    ("मुझे यह किताब बहुत अच्छी लगी और मैंने अपने दोस्त से पूछा कि क्या वह इसे पढ़ना चाहेगा।", "hi"),
+    ("पावसाच्या सरी\nमातीचा सुगंध दरवळे\nमन हरखून जाई", "mr"),
+    ("Времето днес е хубаво и отиваме на разходка в парка с децата.", "bg"),
+    ("Ciao, come stai oggi?", "it"),
+]
+
+
+@pytest.mark.parametrize("text,code", LANGUAGE_CASES + HARD_LANGUAGE_CASES)
 def test_detect_language(text, code):
     assert rewards.detect_language(text) == code
+
+
+def test_language_instructions_use_detection():
+    gt = ifeval_gt("language:response_language", language="hi")
+    assert verify("ifeval", HARD_LANGUAGE_CASES[0][0], gt) == 1.0
+    assert verify("ifeval", HARD_LANGUAGE_CASES[1][0], gt) == 0.0  # Marathi, not Hindi
+    assert verify("ifeval", "12345 !!!", gt) == 1.0  # no letters: langdetect cannot tell, IFEval counts it followed
+    assert rewards.detect_language("12345 !!!") is None
+    # change_case:english_lowercase needs English too: lower-case Italian does not follow it.
+    assert verify("ifeval", "ciao, come stai oggi? grazie mille per il tuo aiuto.",
+                  ifeval_gt("change_case:english_lowercase")) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -518,17 +575,18 @@ def test_verify_batch_workers_survive_hang_error_and_oversize(caplog):
     assert elapsed < 20  # the hang cost about one timeout, not minutes
     assert "unknown ifeval instruction id 'no_such:id'" in caplog.text  # the first error's reason is logged
     # The pool is reused by the next call and still works after the restart.
-    pool = rewards._POOL
+    pool = reward_pool._POOL
     scores, stats = verify_batch(["gsm8k"] * 3, ["so 1", "so 2", "so 4"], ["1", "2", "3"], workers=2, timeout=1.0)
     assert scores == [1.0, 1.0, 0.0] and stats["ok"] == 3
-    assert rewards._POOL is pool
+    assert reward_pool._POOL is pool
 
 
 def test_verify_batch_worker_killed_mid_answer():
     # As if the OOM killer struck: the answer each worker held scores 0 (error), new workers take the rest.
     # One answer per chunk, the two hanging answers first: both workers are busy on them when they are killed.
     verify_batch(["gsm8k"], ["1"], ["1"], workers=2, timeout=30.0)  # make sure the pool is up
-    pids = [p.pid for p in rewards._POOL.procs]
+    reward_pool._POOL.wait_until_ready(120.0)  # a worker replaced by an earlier test may still be loading
+    pids = [p.pid for p in reward_pool._POOL.procs]
 
     def kill_busy_workers():
         for pid in pids:

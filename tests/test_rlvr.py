@@ -3,6 +3,7 @@ the fused kernel against a plain-torch reference from full logits."""
 
 import math
 
+import pytest
 import torch
 
 from nanotulu import data
@@ -60,7 +61,8 @@ def test_grpo_token_loss_values_and_grads():
     torch.testing.assert_close(kl_estimate(lp, ref, "k3"), torch.exp(ref - lp) - 1 + (lp - ref))
 
 
-def test_grpo_step_fused_kernel_equals_plain_torch():
+@pytest.mark.parametrize("impl,kl", [("triton", "k3"), ("auto", "k3"), ("auto", "k1"), ("fused", "k2")])
+def test_grpo_step_fused_kernel_equals_plain_torch(impl, kl):
     torch.manual_seed(2)
     tok = data.load_tokenizer("byte")
     model = build_model(TINY, seed=3)
@@ -75,10 +77,10 @@ def test_grpo_step_fused_kernel_equals_plain_torch():
         r["ref_logp"] = -torch.rand(384) * 4
 
     class Cfg:
-        temperature, clip_eps, beta, kl_estimator = T, 0.2, 0.05, "k3"
+        temperature, clip_eps, beta, kl_estimator = T, 0.2, 0.05, kl
 
     micro = [stack([r], "cpu", ("adv", "old_logp", "ref_logp")) for r in rows]
-    sums, n_tok = grpo_backward(model, micro, Cfg, impl="triton")
+    sums, n_tok = grpo_backward(model, micro, Cfg, impl=impl)
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
@@ -97,7 +99,7 @@ def test_grpo_step_fused_kernel_equals_plain_torch():
             lp = logp_all[mask].gather(1, tgt[mask][:, None])[:, 0]
             pos = torch.arange(s, e - 1)[mask]
             loss, _, _ = grpo_token_loss(lp, r["old_logp"][pos].double(), r["ref_logp"][pos].double(),
-                                         r["adv"][pos].double(), 0.2, 0.05, "k3")
+                                         r["adv"][pos].double(), 0.2, 0.05, kl)
             total = total + loss.sum()
             count += int(mask.sum())
     (total / count).backward()
@@ -128,7 +130,6 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-import pytest  # noqa: E402
 
 
 def tiny_run_args(tmp_path):

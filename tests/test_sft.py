@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +41,15 @@ def reference_loss_sum(model, ex):
     return F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
 
 
-def test_packed_loss_equals_one_by_one():
+@pytest.mark.parametrize("impl", ["auto", "fused", "triton", "torch"])
+def test_packed_loss_equals_one_by_one(impl):
+    # auto / torch: the chunked fused loss with torch rows (CPU); fused: with the Triton row kernels (interpreted);
+    # triton: the tile kernels (8NHV)
     torch.manual_seed(0)
     tok, exs = examples()
     model = build_model(TINY, seed=1)
     row = data.make_row(exs, 256, tok.pad_token_id)
-    loss_sum, n_tokens = sft_backward(model, [stack_rows([row], "cpu")], impl="torch")
+    loss_sum, n_tokens = sft_backward(model, [stack_rows([row], "cpu")], impl=impl)
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
