@@ -6,8 +6,9 @@ weights and nothing to sync. The design follows gpt-fast's generate.py:
 - prompts of different lengths are LEFT-padded to P tokens, so every row's last prompt token sits in column P-1 and
   every decode step writes one cache slot (P, P+1, ...) shared by all rows. Row b's pad slots (j < pad_b) are
   masked out of attention, and its position ids start at 0 at its first real token;
-- prefill runs the whole (B, P) prompt batch once and fills the cache; only the last position goes through the
-  output projection (a (B, V) logits matrix, never (B, P, V));
+- prefill runs each distinct prompt once (the (G, P) batch of prompts) and fills the cache; with num_samples=n
+  (RLVR's groups) the prompt's cache slots are copied to its n decode rows instead of prefilling it n times; only
+  the last position goes through the output projection (a (G, V) logits matrix, never (G, P, V));
 - decode runs one token per row per step, with static shapes: the step reads and writes only tensors allocated
   before the loop (the "state" dict below), so on GPU it is compiled once and captured in a CUDA graph, and the
   host loop just refills the sampling noise and replays the graph. Rows that finished keep decoding (their tokens
@@ -105,30 +106,29 @@ def decode_step(model, state, sampling):
 def gathered(model):
     """Yields a model with full, local weights. A plain model is yielded as is. An FSDP2 model is unsharded once
     (collective: every rank must enter) and a hook-free Llama sharing the gathered tensors is yielded; the model is
-    resharded on exit."""
+    resharded on exit. Under tensor parallel the unsharded parameters are still DTensors split over the TP group:
+    each is all-gathered into a full copy (collective over the TP group, in parameter order on every rank), so
+    every rank decodes with full weights and no collective per step."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2
         FSDPModule = ()
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
-    if not fsdp_modules:
+    if not fsdp_modules and not any(_is_dtensor(p) for p in model.parameters()):
         yield model
         return
     for m in fsdp_modules:
-        m.unshard()  # after this, the modules' parameters are the gathered full tensors (not DTensors)
+        m.unshard()  # after this, the parameters are the gathered tensors (DTensors on the TP mesh under TP)
     try:
         with torch.device("meta"):
             plain = Llama(model.cfg, model.attn_backend)
         tensors = {}
         for name, p in model.named_parameters():
-            if type(p).__name__ == "DTensor":  # still sharded after unshard: tensor parallel
-                raise NotImplementedError(f"{name} is a DTensor after FSDP unshard (tensor parallel?): generation "
-                                          "needs full weights on every rank")
             for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):  # activation checkpointing, compile
                 name = name.replace(wrapper, "")
-            tensors[name] = p.detach()
-        tensors["inv_freq"] = model.inv_freq
-        plain.load_state_dict(tensors, strict=False, assign=True)  # by reference: no copy of the weights
+            # TP: full_tensor() all-gathers the shards (a copy, freed on exit); otherwise by reference, no copy
+            tensors[name] = (p.full_tensor() if _is_dtensor(p) else p).detach()
+        plain.load_state_dict(tensors, strict=False, assign=True)
         plain.inv_freq = model.inv_freq  # non-persistent buffers are not in state dicts
         missing = [n for n, p in plain.named_parameters() if p.is_meta]
         if missing:
@@ -137,6 +137,10 @@ def gathered(model):
     finally:
         for m in fsdp_modules:
             m.reshard()
+
+
+def _is_dtensor(t):
+    return type(t).__name__ == "DTensor"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,8 +180,8 @@ def check_generate_args(model, prompts, max_new_tokens, eos_token_id, temperatur
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, eos_token_id, temperature=1.0, top_p=1.0, top_k=0, greedy=False,
              seed=None, stop_strings=None, decode=None, max_len=None, compile=False, check_every=8,
-             prefill_rows=None):
-    """Generates a continuation of every prompt (a list of token ids) in one batch.
+             prefill_rows=None, num_samples=1):
+    """Generates `num_samples` continuations of every prompt (a list of token ids) in one batch.
 
     eos_token_id: an id or a list of ids; a row stops after emitting one (an id outside the vocabulary never
     matches, e.g. -1 to always run max_new_tokens). stop_strings: a row also stops once decode(new tokens) contains
@@ -187,35 +191,42 @@ def generate(model, prompts, *, max_new_tokens, eos_token_id, temperature=1.0, t
     step's shapes are (prompts, max_len), not the prompt length, so a fixed max_len (e.g. max prompt length +
     max_new_tokens) and batch size let every call reuse one compilation (a new CUDA graph is captured per call).
     prefill_rows: prompts per prefill chunk (default: as many as keep the attention scores near 1 GiB).
+    num_samples: answers per prompt (a GRPO group). Each prompt is prefilled once and its KV cache rows copied to
+    its n samples; the result equals generating the list with every prompt repeated n times (same seed, same
+    samples), without n prefills.
 
-    Returns one dict per prompt: "tokens" (new token ids, the EOS included when it stopped on one), "logprobs"
+    Returns one dict per prompt and sample (prompt 0's num_samples answers first, then prompt 1's, ...): "tokens" (new token ids, the EOS included when it stopped on one), "logprobs"
     (log_softmax(logits / temperature) of each token, see the module docstring), "finish_reason" ("stop": EOS or a
     stop string, "length": max_new_tokens reached)."""
     check_generate_args(model, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, stop_strings, decode,
                 max_len)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if temperature == 0:
         greedy, temperature = True, 1.0
     sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy))
     with gathered(model) as m:
         return _generate(m, prompts, max_new_tokens, eos_token_id, sampling, seed, stop_strings, decode, max_len,
-                         compile, check_every, prefill_rows)
+                         compile, check_every, prefill_rows, num_samples)
 
 
 def _generate(model, prompts, max_new_tokens, eos_token_id, sampling, seed, stop_strings, decode, max_len, compile,
-              check_every, prefill_rows):
+              check_every, prefill_rows, n):
     cfg = model.cfg
     weight = model.output_weight
     device, dtype = weight.device, weight.dtype
-    B, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
+    G, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
+    B = G * n  # decode rows: prompt g's samples are rows g*n .. g*n + n-1
     S = max_len or P + N
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)  # (G,)
+    lengths = prompt_lengths.repeat_interleave(n)  # (B,)
     pad = P - lengths  # (B,) left padding of each row
-    input_ids = torch.zeros(B, P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        input_ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    input_ids = torch.zeros(G, P, dtype=torch.long)
+    for g, p in enumerate(prompts):
+        input_ids[g, P - len(p):] = torch.tensor(p, dtype=torch.long)
     input_ids = input_ids.to(device)
     columns = torch.arange(P, device=device)
-    position_ids = (columns[None, :] - pad[:, None]).clamp_min(0)  # (B, P): 0 at each row's first real token
+    position_ids = (columns[None, :] - (P - prompt_lengths)[:, None]).clamp_min(0)  # (G, P): 0 at the first token
 
     if isinstance(seed, torch.Generator):
         gen = seed
@@ -246,21 +257,27 @@ def _generate(model, prompts, max_new_tokens, eos_token_id, sampling, seed, stop
         eos=eos,
     )
 
-    # Prefill: the prompt batch writes cache slots 0..P-1. A query attends to the row's real slots up to itself; a
-    # pad query attends to itself only (a fully masked row would give NaN, which would spread into the pad slots'
-    # keys and values of later layers). Rows go in chunks: a masked attention may run on the math kernel, whose
-    # (rows, heads, P, S) fp32 scores are held to about 1 GiB.
-    causal = slot_ids[None, :] <= columns[:, None]  # (P, S)
-    prefill_mask = (state["valid"][:, None, :] & causal[None]) | (slot_ids[None, None, :] == columns[None, :, None])
-    rows = prefill_rows or max(1, 2**30 // (4 * cfg.num_attention_heads * P * S))
-    last_hidden = torch.empty(B, cfg.hidden_size, device=device, dtype=dtype)
-    for b0 in range(0, B, rows):
-        b1 = min(B, b0 + rows)
-        cache = {"k": [k[b0:b1] for k in state["k"]], "v": [v[b0:b1] for v in state["v"]], "pos": columns,
-                 "mask": prefill_mask[b0:b1, None]}  # row views: the model writes into the full cache
-        h = model(input_ids[b0:b1], position_ids[b0:b1], cache=cache)  # (rows, P, H)
-        last_hidden[b0:b1] = h[:, -1]  # the last column is every row's last prompt token
-    logits = F.linear(last_hidden, weight).float()  # (B, V)
+    # Prefill: each distinct prompt once, into a (rows, kv heads, P, head_dim) cache of its own, whose slots 0..P-1
+    # are then copied to the prompt's n sample rows of the decode cache. A query attends to the row's real slots up
+    # to itself; a pad query attends to itself only (a fully masked row would give NaN, which would spread into the
+    # pad slots' keys and values of later layers). Prompts go in chunks: a masked attention may run on the math
+    # kernel, whose (rows, heads, P, P) fp32 scores are held to about 1 GiB.
+    valid = columns[None, :] >= (P - prompt_lengths)[:, None]  # (G, P)
+    causal = columns[None, :] <= columns[:, None]  # (P, P)
+    prefill_mask = (valid[:, None, :] & causal[None]) | torch.eye(P, dtype=torch.bool, device=device)[None]
+    rows = prefill_rows or max(1, 2**30 // (4 * cfg.num_attention_heads * P * P))
+    last_hidden = torch.empty(G, cfg.hidden_size, device=device, dtype=dtype)
+    for g0 in range(0, G, rows):
+        g1 = min(G, g0 + rows)
+        kv = (g1 - g0, cfg.num_key_value_heads, P, cfg.head_dim)
+        cache = {"k": [torch.empty(kv, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)],
+                 "v": [torch.empty(kv, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)],
+                 "pos": columns, "mask": prefill_mask[g0:g1, None]}
+        h = model(input_ids[g0:g1], position_ids[g0:g1], cache=cache)  # (rows, P, H)
+        last_hidden[g0:g1] = h[:, -1]  # the last column is every row's last prompt token
+        for full, part in zip(state["k"] + state["v"], cache["k"] + cache["v"]):
+            full[g0 * n:g1 * n, :, :P] = part.repeat_interleave(n, dim=0)  # shared by the prompt's n samples
+    logits = F.linear(last_hidden, weight).float().repeat_interleave(n, dim=0)  # (B, V)
     del h, cache, prefill_mask
     if state["noise"] is not None:
         state["noise"].exponential_(generator=gen)

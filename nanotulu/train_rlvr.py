@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from nanotulu import checkpoint, common, data, embedded, losses, rewards
-from nanotulu.generate import generate
+from nanotulu.generate import gathered, generate
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -67,6 +68,8 @@ class RLVRConfig(common.RunFlags):
     eval_every: int = field(default=0, metadata={"help": "held-out accuracy every N steps (0: start and end)"})
     eval_max_new_tokens: int = 0
     save_every: int = 50
+    compiled_decode: bool = field(default=True, metadata={"help": "rollouts with the compiled, CUDA-graph decode "
+                                                                  "step and a fixed cache length (CUDA only)"})
 
 
 # The embedded default, tuned on the 2-core CPU: bigger groups (16) of fewer prompts give fewer all-equal groups;
@@ -82,11 +85,20 @@ EMBEDDED_PRESET = dict(num_samples=16, prompts_per_step=8, max_prompt_len=96, ma
 
 
 def group_advantages(rewards_, n):
-    """rewards (G*n,) in group order -> (advantages (G*n,), equal (G,) bool: groups with no reward spread).
-    The std is the population std of the group (ddof 0)."""
-    r = rewards_.view(-1, n)
+    """rewards (G*n,) in group order -> (advantages (G*n,) float64, equal (G,) bool: groups with no reward spread).
+    The std is the population std of the group (ddof 0). Computed in float64 whatever the input dtype, and a group
+    whose rewards are all equal gets exactly 0: in float32 the mean of equal non-dyadic values (2/3 x 10, or x 0.1)
+    can be one ulp off while the std is ~0, and (r - mean) / (std + 1e-8) would turn that ulp into about -48."""
+    r = rewards_.double().view(-1, n)
     mean, std = r.mean(1, keepdim=True), r.std(1, unbiased=False, keepdim=True)
-    return ((r - mean) / (std + 1e-8)).view(-1), (r.max(1).values == r.min(1).values)
+    equal = r.max(1).values == r.min(1).values  # (G,)
+    adv = torch.where(equal[:, None], 0.0, (r - mean) / (std + 1e-8))
+    return adv.view(-1), equal
+
+
+# exp(-d) of k3 overflows fp32 below d = -88: beyond -K3_LIMIT it continues along its tangent (finite, same sign of
+# gradient); for d >= -K3_LIMIT, value and gradient are exactly exp(-d)
+K3_LIMIT = 20.0
 
 
 def kl_estimate(logp, ref_logp, kind):
@@ -97,7 +109,8 @@ def kl_estimate(logp, ref_logp, kind):
     if kind == "k2":
         return d * d / 2
     if kind == "k3":
-        return torch.exp(-d) - 1 + d
+        dc = d.clamp(min=-K3_LIMIT)  # exp(-dc) <= e^20: finite in fp32 and bf16
+        return torch.exp(-dc) * (1 + (dc - d)) - 1 + d  # = exp(-d) - 1 + d for d >= -K3_LIMIT
     raise ValueError(f"--kl_estimator {kind!r}: expected one of {', '.join(KL_ESTIMATORS)}")
 
 
@@ -136,7 +149,7 @@ def rollout_rows(prompts, responses, per_seq, capacity, pad_id):
     value of the sequence whose token t+1 it predicts). -> list of rows (make_row dicts + those per-position
     tensors)."""
     docs = [{"input_ids": p + r, "labels": [data.IGNORE_INDEX] * len(p) + r} for p, r in zip(prompts, responses)]
-    bins = data.pack([len(d["input_ids"]) for d in docs], capacity)
+    bins = data.pack([len(d["input_ids"]) for d in docs], capacity) if docs else []
     rows = []
     for b in bins:
         row = data.make_row([docs[i] for i in b], capacity, pad_id)
@@ -150,6 +163,18 @@ def rollout_rows(prompts, responses, per_seq, capacity, pad_id):
             row[name] = v
         rows.append(row)
     return rows
+
+
+def pad_to_agreed_rows(rows, capacity, pad_id, names, device):
+    """Appends padding rows (pad tokens, no trained token, zeros for the per-position `names`) up to the largest
+    row count of all ranks (one all-reduce MAX), so the old-policy, reference and mini-batch passes run the same
+    number of FSDP / TP forwards and backwards on every rank whatever the rollout lengths."""
+    n = torch.tensor(len(rows), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    padding = [{**data.make_row([], capacity, pad_id), **{k: torch.zeros(capacity) for k in names}}
+               for _ in range(int(n) - len(rows))]
+    return rows + padding
 
 
 GRPO_SUMS = ("loss", "kl", "clipped", "entropy", "tokens")  # what grpo_backward sums over trained tokens, in order
@@ -291,12 +316,27 @@ def held_out(model, tok, eval_rows, cfg, template, rank, at_step):
     return acc
 
 
-def rollout(model, prompts, cfg, tok, gen_seed):
-    """Phase 1: num_samples answers to each prompt, sampled by the policy itself. -> (group prompts, outputs)."""
-    group_prompts = [p for p in prompts for _ in range(cfg.num_samples)]
-    outs = generate(model, group_prompts, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                    temperature=cfg.temperature, seed=gen_seed)
-    return group_prompts, outs
+def rollout(model, prompts, cfg, tok, gen_seed, mesh):
+    """Phase 1: num_samples answers to each prompt, sampled by the policy itself (each prompt prefilled once for
+    its group; on CUDA the compiled, CUDA-graph decode step with one cache length for every step). The FSDP / TP
+    weights are gathered once (every rank enters), then no collective per decode step, so ranks may stop at
+    different lengths. Under tensor parallel the ranks of a TP group share their prompts: each samples the groups
+    of every tp-th prompt and the answers are exchanged, so the group holds identical rollouts.
+    -> (group prompts, outputs) in group order."""
+    tpg = common.tp_group(mesh)
+    tp_rank, tp = (dist.get_rank(tpg), dist.get_world_size(tpg)) if tpg is not None else (0, 1)
+    n, compiled = cfg.num_samples, cfg.compiled_decode and gen_seed.device.type == "cuda"
+    mine = prompts[tp_rank::tp]
+    with gathered(model) as m:
+        outs = generate(m, mine, num_samples=n, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                        temperature=cfg.temperature, seed=gen_seed, compile=compiled,
+                        max_len=cfg.max_prompt_len + cfg.max_new_tokens if compiled else None) if mine else []
+    if tpg is not None:
+        parts = [None] * tp
+        dist.all_gather_object(parts, outs, group=tpg)
+        # prompt j was sampled by TP rank j % tp, as its (j // tp)-th group
+        outs = [o for j in range(len(prompts)) for o in parts[j % tp][(j // tp) * n:(j // tp + 1) * n]]
+    return [p for p in prompts for _ in range(n)], outs
 
 
 def score(outs, tasks, cfg, tok):
@@ -309,17 +349,16 @@ def score(outs, tasks, cfg, tok):
     finished = [o["finish_reason"] == "stop" for o in outs]
     penalty = None if cfg.nonstop_penalty != cfg.nonstop_penalty else cfg.nonstop_penalty  # nan: off
     rew = torch.tensor([rewards.score_to_reward(s, f, scale=cfg.reward_scale, nonstop_penalty=penalty)
-                        for s, f in zip(scores, finished)])
+                        for s, f in zip(scores, finished)], dtype=torch.float64)
     return scores, rew, finished, vstats
 
 
 def build_rows(model, ref_model, group_prompts, outs, adv, keep, cfg, capacity, pad_id, device, use_bf16, tpg):
-    """Phase 3: the kept rollouts packed into rows with their per-token advantage, old-policy log-prob and (with a
-    KL term) reference log-prob."""
-    if not keep:
-        return []
+    """Phase 3: the kept rollouts packed into rows (padded to the row count agreed by all ranks) with their
+    per-token advantage, old-policy log-prob and (with a KL term) reference log-prob."""
     rows = rollout_rows([group_prompts[i] for i in keep], [outs[i]["tokens"] for i in keep],
                         {"adv": adv[keep].tolist()}, capacity, pad_id)
+    rows = pad_to_agreed_rows(rows, capacity, pad_id, ("adv",), device)
     fill_logps(model, rows, "old_logp", cfg, device, use_bf16, tpg)
     if ref_model is not None:
         fill_logps(ref_model, rows, "ref_logp", cfg, device, use_bf16, tpg)
@@ -327,21 +366,18 @@ def build_rows(model, ref_model, group_prompts, outs, adv, keep, cfg, capacity, 
 
 
 def update(model, optimizer, rows, cfg, step, mesh, device, use_bf16):
-    """Phase 4: num_epochs passes over the rollout rows in num_mini_batches optimizer steps each.
+    """Phase 4: num_epochs passes over the rollout rows in num_mini_batches optimizer steps each (fewer when there
+    are fewer rows: every rank has the same row count, so all take the same steps).
     -> (GRPO_SUMS sums (5,) of this rank, last grad norm, last lr)."""
     names = ("adv", "old_logp") + (("ref_logp",) if cfg.beta > 0 else ())
-    n_mb = max(1, min(cfg.num_mini_batches, len(rows)))
+    n_mb = min(cfg.num_mini_batches, len(rows))
     total_updates = cfg.steps * cfg.num_epochs * cfg.num_mini_batches
     sums, grad_norm, lr = torch.zeros(len(GRPO_SUMS), device=device), torch.zeros(()), cfg.lr
     for epoch in range(cfg.num_epochs):
-        for k in range(cfg.num_mini_batches):
-            mb = rows[k * len(rows) // n_mb:(k + 1) * len(rows) // n_mb] if k < n_mb else []
+        for k in range(n_mb):
+            mb = rows[k * len(rows) // n_mb:(k + 1) * len(rows) // n_mb]
             micro = data.micro_batches(mb, cfg.micro_batch_rows, device, per_position=names)
-            if micro:
-                sums += grpo_backward(model, micro, cfg, cfg.loss_impl, mesh, use_bf16)[0]
-            else:  # this rank has nothing this mini-batch but must join the collectives of the others
-                common.all_reduce_sum(torch.zeros((), device=device), common.dp_group(mesh))
-                _zero_grad_participation(model)
+            sums += grpo_backward(model, micro, cfg, cfg.loss_impl, mesh, use_bf16)[0]
             update_idx = (step * cfg.num_epochs + epoch) * cfg.num_mini_batches + k
             lr = common.lr_at(update_idx, total_updates, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
             grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
@@ -380,7 +416,7 @@ def main(argv=None, finish=True):
         t0 = time.perf_counter()
         idx = sampler.next()
         gen_seed.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-        group_prompts, outs = rollout(model, [prompts[i] for i in idx], cfg, tok, gen_seed)
+        group_prompts, outs = rollout(model, [prompts[i] for i in idx], cfg, tok, gen_seed, mesh)
         t_gen = time.perf_counter() - t0
         scores, rew, finished, vstats = score(outs, [tasks[i] for i in idx], cfg, tok)
         if step == 0 and rank == 0 and not any(scores):
@@ -425,14 +461,6 @@ def data_prompts(rows, tok, template):
     """Prompt token ids of each RLVR row: the chat template with the generation prompt."""
     return [tok.encode(data.render_chat(r["prompt_messages"], template, tok.eos_token, True, tok.bos_token))
             for r in rows]
-
-
-def _zero_grad_participation(model):
-    """A rank with no rollout rows in a mini-batch still runs the FSDP reduce of the others: give every parameter a
-    zero gradient so the optimizer step and the collectives line up."""
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
 
 
 if __name__ == "__main__":

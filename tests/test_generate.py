@@ -172,6 +172,27 @@ def test_sampler_follows_the_filtered_softmax():
     torch.testing.assert_close(lp, torch.log(probs[tok]), rtol=1e-5, atol=1e-5)  # unfiltered, tempered
 
 
+def test_shared_prompt_cache_equals_repeated_prompts(hf_and_ours):
+    """num_samples=n prefills each prompt once and copies its cache to its n rows: the same samples (fixed seed)
+    and log-probs as the plain path with every prompt repeated n times (n prefills)."""
+    _, model = hf_and_ours
+    prompts = prompts_of(PROMPT_LENGTHS, seed=5)
+    n = 3
+    kw = dict(max_new_tokens=10, eos_token_id=7, temperature=1.5, top_k=40, seed=11)
+    shared = generate(model, prompts, num_samples=n, **kw)
+    repeated = generate(model, [p for p in prompts for _ in range(n)], **kw)
+    assert len(shared) == len(prompts) * n
+    assert [r["tokens"] for r in shared] == [r["tokens"] for r in repeated]
+    assert [r["finish_reason"] for r in shared] == [r["finish_reason"] for r in repeated]
+    for a, b in zip(shared, repeated):
+        torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), rtol=1e-5, atol=1e-5)
+    assert len({tuple(r["tokens"]) for r in shared[:n]}) > 1  # the samples of one prompt differ: real sampling
+    greedy = generate(model, prompts, num_samples=2, max_new_tokens=10, eos_token_id=7, greedy=True, prefill_rows=1)
+    assert [r["tokens"] for r in greedy[::2]] == [r["tokens"] for r in greedy[1::2]]
+    with pytest.raises(ValueError, match="num_samples"):
+        generate(model, prompts, num_samples=0, **kw)
+
+
 def test_stop_strings(hf_and_ours):
     _, model = hf_and_ours
     prompts = prompts_of(PROMPT_LENGTHS, seed=4)
@@ -264,6 +285,47 @@ def test_fsdp2_generation_equals_single_process(tmp_path):
                                        atol=1e-5)
 
 
+# Tensor parallel: the TP-sharded weights are gathered once per generate call; tokens equal a single process.
+TP_WORKER = """
+import sys, torch, torch.distributed as dist
+from nanotulu import parallel
+from nanotulu.generate import generate
+from nanotulu.model import LlamaConfig, build_model
+rank, world, init_file, out, cfg, prompts = eval(sys.argv[1])
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+mesh = parallel.build_mesh(world, 1, world, "cpu")
+model = parallel.parallelize(build_model(LlamaConfig(**cfg), seed=5), mesh)
+res = generate(model, prompts, max_new_tokens=8, eos_token_id=3, greedy=True, num_samples=2)
+torch.save({"res": res, "sharded": model.output_weight.placements[1].is_shard()}, out)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_tensor_parallel_generation_equals_single_process(tmp_path):
+    import subprocess
+    import sys
+
+    world, cfg = 2, {**FSDP_CFG, "tie_word_embeddings": False}  # lm_head and embedding both vocab-split
+    prompts = prompts_of(PROMPT_LENGTHS, seed=12)
+    procs = [subprocess.Popen([sys.executable, "-c", TP_WORKER, repr(
+        (rank, world, str(tmp_path / "init"), str(tmp_path / f"rank{rank}.pt"), cfg, prompts))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
+    for p in procs:
+        log = p.communicate(timeout=120)[0]
+        assert p.returncode == 0, log
+    want = generate(build_model(LlamaConfig(**cfg), seed=5), prompts, max_new_tokens=8, eos_token_id=3, greedy=True,
+                    num_samples=2)
+    for rank in range(world):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["sharded"]  # the model is still TP-sharded after generating
+        assert [r["tokens"] for r in out["res"]] == [r["tokens"] for r in want]
+        for a, b in zip(out["res"], want):
+            torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), rtol=1e-4,
+                                       atol=1e-4)
+
+
 def test_bench_cpu_smoke(tmp_path):
     """bench/bench_generate.py --cpu-smoke runs end to end (the GPU numbers come from the same code)."""
     import importlib.util
@@ -290,6 +352,13 @@ def test_compiled_cuda_graph_equals_eager_on_gpu():
         want = generate(model, prompts, max_new_tokens=20, eos_token_id=3, **kw)
         for _ in range(2):  # the second call reuses the compilation with a new graph
             got = generate(model, prompts, max_new_tokens=20, eos_token_id=3, compile=True, max_len=40, **kw)
+            assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+            # RLVR's call: groups of samples sharing a prefilled prompt, the cache length fixed across calls
+            shared = generate(model, prompts[:2], max_new_tokens=20, eos_token_id=3, compile=True, max_len=40,
+                              num_samples=2, **kw)
+            plain = generate(model, [p for p in prompts[:2] for _ in range(2)], max_new_tokens=20, eos_token_id=3,
+                             **kw)
+            assert [r["tokens"] for r in shared] == [r["tokens"] for r in plain]
             assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
             for a, b in zip(got, want):
                 torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), rtol=1e-4,

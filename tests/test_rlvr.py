@@ -9,7 +9,7 @@ import torch
 from nanotulu import data
 from nanotulu.model import LlamaConfig, build_model
 from nanotulu.data import stack_rows as stack
-from nanotulu.train_rlvr import (PromptSampler, group_advantages, grpo_backward, grpo_token_loss, kl_estimate,
+from nanotulu.train_rlvr import (K3_LIMIT, PromptSampler, group_advantages, grpo_backward, grpo_token_loss, kl_estimate,
                                  rollout_rows)
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -30,6 +30,42 @@ def test_group_advantages_match_formula():
             assert abs(adv[g * n + i].item() - (x - mean) / (std + 1e-8)) < 1e-9
         assert bool(equal[g]) == (max(xs) == min(xs))
     assert bool(equal[2]) and (adv[8:12] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_equal_groups_get_exactly_zero_advantage(dtype):
+    """Non-dyadic equal rewards (an IFEval fraction 2/3 x 10, a reward scale of 0.1): in float32 the group mean is
+    an ulp off and (r - mean) / (std + 1e-8) was about -48; every dtype must give exactly 0 for such a group, and
+    the other groups the float64 formula."""
+    n = 3
+    values = [2 / 3 * 10, 0.1 * 3, 0.7, 1 / 3 * 0.1, 2 / 3 * 10, 0.0, 0.1 * 3]
+    r = torch.tensor([v for v in values for _ in range(n)] + [0.1, 0.2, 0.7], dtype=dtype)
+    adv, equal = group_advantages(r, n)
+    assert adv.dtype == torch.float64 and equal.tolist() == [True] * len(values) + [False]
+    assert (adv[:-n] == 0).all(), adv[:-n]
+    last = r[-n:].double()
+    want = (last - last.mean()) / (last.std(unbiased=False) + 1e-8)
+    torch.testing.assert_close(adv[-n:].double(), want, rtol=1e-6, atol=1e-6)
+    # the float32 formula this replaces really is wrong for such a group (the test could fail)
+    r32 = torch.tensor([2 / 3] * 3, dtype=torch.float32) * 10
+    assert ((r32 - r32.mean()) / (r32.std(unbiased=False) + 1e-8)).abs().max() > 0.5
+
+
+def test_k3_is_finite_for_any_log_ratio_and_exact_in_range():
+    d64 = torch.cat([torch.linspace(-K3_LIMIT, 30, 201, dtype=torch.float64), torch.tensor([-100.0, 100.0, -1e4])])
+    for dtype in (torch.float32, torch.bfloat16):
+        lp = d64.to(dtype).requires_grad_()
+        kl = kl_estimate(lp, torch.zeros_like(lp), "k3")
+        (g,) = torch.autograd.grad(kl.sum(), lp)
+        assert torch.isfinite(kl).all() and torch.isfinite(g).all(), dtype
+        d = lp.detach().double()
+        inside = d >= -K3_LIMIT
+        want, dwant = torch.exp(-d) - 1 + d, 1 - torch.exp(-d)  # the float64 formula and its derivative
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(kl.double()[inside], want[inside], rtol=tol, atol=tol)
+        torch.testing.assert_close(g.double()[inside], dwant[inside], rtol=tol, atol=tol)
+        # below the limit: the tangent at -K3_LIMIT (huge, finite, still pulling logp up towards the reference)
+        assert (kl.double()[~inside] >= want[inside].max() * (1 - tol)).all() and (g[~inside] < -1e8).all()
 
 
 def plain_token_loss(lp, old, ref, a, eps, beta, kind):
