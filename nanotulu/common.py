@@ -76,13 +76,17 @@ def apply_preset(cfg, preset, given):
     return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
 
 
-def start(cls, preset, argv, data_kind):
+def start(cls, preset, argv, data_kind, variant=None):
     """Every trainer's first lines: flags (the embedded preset when no --model), torch.distributed, seed.
+    preset: a dict, or a function of the parsed flags giving one. variant(cfg) -> dict: defaults that depend on
+    another flag (RLVR's --algo ppo), applied first. Neither replaces a flag the user gave.
     Returns (cfg, embedded, rank, world, device, use_bf16)."""
     cfg, given = parse_flags(cls, argv)
+    if variant is not None:
+        cfg = apply_preset(cfg, variant(cfg), given)
     embedded = not cfg.model
     if embedded:
-        cfg = apply_preset(cfg, preset, given)
+        cfg = apply_preset(cfg, preset(cfg) if callable(preset) else preset, given)
     elif not cfg.data:
         raise ValueError(f"--data is required with --model ({data_kind} files; the shipped toy data is for the "
                          "embedded default only)")
