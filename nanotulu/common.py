@@ -100,11 +100,17 @@ def apply_preset(cfg, preset, given):
 EMBEDDED_THREADS = 2
 
 
-def resolve_flags(cls, preset, argv):
-    """The run's flags: the command line over the defaults, and with no --model the embedded preset over the
-    defaults the command line leaves alone."""
-    cfg, given = parse_flags(cls, argv, preset)
-    return apply_preset(cfg, preset, given) if not cfg.model else cfg
+def resolve_flags(cls, preset, argv, variant=None):
+    """The run's flags: the command line over the defaults; variant(cfg) -> dict: defaults that depend on another
+    flag (RLVR's --algo ppo); with no --model the embedded preset (a dict, or a function of the flags giving one)
+    over the defaults the command line leaves alone."""
+    shown = preset(cls()) if callable(preset) else preset  # --help lists the preset of the default flags
+    cfg, given = parse_flags(cls, argv, shown)
+    if variant is not None:
+        cfg = apply_preset(cfg, variant(cfg), given)
+    if cfg.model:
+        return cfg
+    return apply_preset(cfg, preset(cfg) if callable(preset) else preset, given)
 
 
 def config_diff(saved, now):
@@ -114,11 +120,11 @@ def config_diff(saved, now):
             and json.dumps(saved.get(k)) != json.dumps(now.get(k))]
 
 
-def start(cls, preset, argv, data_kind):
-    """Every trainer's first lines: flags (the embedded preset when no --model), input paths and --output_dir
-    checked, torch.distributed, the run directory claimed (lock, saved flags: open_run_dir), seed.
+def start(cls, preset, argv, data_kind, variant=None):
+    """Every trainer's first lines: flags (resolve_flags: the embedded preset when no --model), input paths and
+    --output_dir checked, torch.distributed, the run directory claimed (lock, saved flags: open_run_dir), seed.
     Returns (cfg, embedded, rank, world, device, use_bf16)."""
-    cfg = resolve_flags(cls, preset, argv)
+    cfg = resolve_flags(cls, preset, argv, variant)
     open_reporters(cfg.report_to, None)  # an unknown logger or a missing package fails before any work
     embedded = not cfg.model
     if embedded and torch.get_num_threads() != EMBEDDED_THREADS and not torch.cuda.is_available():
@@ -549,11 +555,13 @@ def make_mesh(cfg, world, device):
     return None
 
 
-def load_model(path, tok, device, cfg):
-    """An HF checkpoint in fp32 (master weights), embeddings grown to the tokenizer's vocabulary."""
+def load_model(path, tok, device, cfg, score_head=None):
+    """An HF checkpoint in fp32 (master weights), embeddings grown to the tokenizer's vocabulary.
+    score_head: see Llama.from_pretrained (True: a reward / value model)."""
     from nanotulu.model import Llama, resize_vocab
 
-    m = Llama.from_pretrained(path, dtype=torch.float32, device=device, attn_backend=cfg.attn_backend)
+    m = Llama.from_pretrained(path, dtype=torch.float32, device=device, attn_backend=cfg.attn_backend,
+                              score_head=score_head)
     return resize_vocab(m, max(tok.vocab_size, m.cfg.vocab_size))
 
 

@@ -47,3 +47,17 @@ def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
         return kernels.linear_logprobs(h, weight, targets.reshape(-1), impl=impl, **kw)
 
     return head
+
+
+def score_head(tp_group=None):
+    """A `head` for a reward / value model's forward: one scalar per token (B*T,) from hidden (B, T, H) and the
+    (1, H) score weight. Under tensor parallel the sequence-split hidden states are gathered first (the score
+    weight is not split)."""
+    def head(hidden, score_weight):
+        if tp_group is not None:
+            from torch.distributed.tensor import DTensor
+            hidden = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
+            score_weight = score_weight.full_tensor() if isinstance(score_weight, DTensor) else score_weight
+        return (hidden.reshape(-1, hidden.shape[-1]) @ score_weight.to(hidden.dtype).T).squeeze(-1)
+
+    return head

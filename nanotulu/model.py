@@ -359,7 +359,7 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg, attn_backend="auto"):
+    def __init__(self, cfg, attn_backend="auto", score_head=False):
         super().__init__()
         self.cfg = cfg
         self.attn_backend = attn_backend
@@ -370,12 +370,19 @@ class Llama(nn.Module):
             layers=nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)}),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # score_head: a reward or value model (HF LlamaForSequenceClassification, one label) reads one scalar per
+        # token through `score` (H -> 1) instead of projecting to the vocabulary, and keeps no lm_head
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False) if score_head else None
+        untied = not cfg.tie_word_embeddings and not score_head
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if untied else None
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     @property
     def output_weight(self):
-        """(V, H) output projection: lm_head, or the embedding when tied."""
+        """The output projection handed to a forward `head`: (V, H) lm_head, or the embedding when tied; (1, H)
+        `score` for a reward / value model."""
+        if self.score is not None:
+            return self.score.weight
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.no_grad()
@@ -416,9 +423,12 @@ class Llama(nn.Module):
     # Hugging Face checkpoints
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, attn_backend="auto"):
+    def from_pretrained(cls, path, dtype=None, device=None, attn_backend="auto", score_head=None):
         """Reads an HF directory: config.json + model.safetensors, or sharded model-*.safetensors with
-        model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
+        model.safetensors.index.json. dtype None keeps the checkpoint's dtype.
+        score_head: None reads a reward model (LlamaForSequenceClassification) as one and a causal LM as one; True
+        makes a reward / value model of either (a causal LM's lm_head is dropped and a new score head drawn);
+        False refuses a reward model."""
         from safetensors import safe_open
 
         cfg_path = os.path.join(path, "config.json")
@@ -434,8 +444,14 @@ class Llama(nn.Module):
             weight_map = None
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        is_reward_model = "LlamaForSequenceClassification" in cfg.extra.get("architectures", [])
+        if is_reward_model and score_head is False:
+            raise ValueError(f"{cfg_path}: a reward model (LlamaForSequenceClassification), not a causal LM")
+        if is_reward_model and cfg.extra.get("num_labels", len(cfg.extra.get("id2label", {0: 0}))) != 1:
+            raise ValueError(f"{cfg_path}: a reward model needs exactly one label")
+        score_head = is_reward_model if score_head is None else score_head
         with torch.device("meta"):
-            model = cls(cfg, attn_backend)
+            model = cls(cfg, attn_backend, score_head=score_head)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         state = {}
@@ -446,14 +462,19 @@ class Llama(nn.Module):
             with safe_open(fpath, framework="pt", device=str(device or "cpu")) as f:
                 for name in f.keys():
                     if name not in expected:
-                        if cfg.tie_word_embeddings and name == "lm_head.weight":
-                            continue  # some tied checkpoints still carry a copy
+                        if (cfg.tie_word_embeddings or score_head) and name == "lm_head.weight":
+                            continue  # some tied checkpoints still carry a copy; a reward model has no lm_head
                         raise ValueError(f"{fpath}: unexpected tensor {name!r} for this Llama config")
                     t = f.get_tensor(name)
                     if tuple(t.shape) != tuple(expected[name]):
                         raise ValueError(f"{fpath}: tensor {name!r} has shape {tuple(t.shape)}, "
                                          f"config.json implies {tuple(expected[name])}")
                     state[name] = t if dtype is None else t.to(dtype)
+        if score_head and "score.weight" not in state:  # a value / reward model started from a causal LM: a new
+            # head of std 1/sqrt(H+1) (as open-instruct initialises its value heads), from a fixed seed
+            gen = torch.Generator().manual_seed(0)
+            w = torch.randn(1, cfg.hidden_size, generator=gen) / math.sqrt(cfg.hidden_size + 1)
+            state["score.weight"] = w.to(dtype=dtype or torch.float32, device=device or "cpu")
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -473,6 +494,9 @@ class Llama(nn.Module):
             sd.pop("lm_head.weight", None)
         dtypes = {v.dtype for v in sd.values()}
         cfg = config_to_hf(self.cfg)
+        if self.score is not None:  # transformers' LlamaForSequenceClassification, one scalar label
+            cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=1, id2label={"0": "LABEL_0"},
+                       label2id={"LABEL_0": 0})
         cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
         cfg["dtype"] = cfg["torch_dtype"]  # the name newer transformers reads
         # shards: consecutive tensors until the size limit

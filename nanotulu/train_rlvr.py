@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanotulu import checkpoint, common, data, embedded, losses, rewards
+from nanotulu import checkpoint, common, data, embedded, losses, ppo, rewards
 from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.generate import gathered, generate
 
@@ -75,6 +75,14 @@ class RLVRConfig(common.RunFlags):
     save_every: int = 50
     compiled_decode: bool = field(default=True, metadata={"help": "rollouts with the compiled, CUDA-graph decode "
                                                                   "step and a fixed cache length (CUDA only)"})
+    algo: str = field(default="grpo", metadata={"help": "grpo | ppo (a value model, GAE; --algo ppo switches the "
+                                                        "defaults to Tulu 3's PPO recipe, see PPO_RECIPE)"})
+    value_model: str = field(default="", metadata={"help": "PPO: reward/value model directory to start the value "
+                                                           "model from; empty: the policy (a new score head)"})
+    value_lr: float = field(default=0.0, metadata={"help": "PPO: value model learning rate (0: --lr)"})
+    gamma: float = field(default=1.0, metadata={"help": "PPO: GAE discount"})
+    lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda"})
+    value_clip_eps: float = field(default=0.2, metadata={"help": "PPO: value clipping range"})
 
 
 # The embedded default, tuned on the 2-core CPU: bigger groups (16) of fewer prompts give fewer all-equal groups;
@@ -83,6 +91,25 @@ class RLVRConfig(common.RunFlags):
 EMBEDDED_PRESET = dict(num_samples=16, prompts_per_step=8, max_prompt_len=96, max_new_tokens=96, lr=2e-5,
                        temperature=0.7, beta=0.0, steps=40, num_mini_batches=2, save_every=10, verify_workers=0,
                        row_capacity=256, micro_batch_rows=8)
+
+
+# Tulu 3's PPO (arXiv 2411.15124, its PPO hyperparameter table; open-instruct's PPO script): one answer per prompt,
+# the KL to the reference as a per-token reward (k1, beta 0.05), 4 epochs over each rollout batch, lr 3e-7 for the
+# policy and the value model. gamma, lambda and the clip ranges are the flags' own defaults (1, 0.95, 0.2).
+PPO_RECIPE = dict(num_samples=1, prompts_per_step=64, lr=3e-7, beta=0.05, kl_estimator="k1", num_epochs=4,
+                  num_mini_batches=1, temperature=1.0)
+
+# The embedded PPO run, tuned like the GRPO one: 128 answers a step (4 to each of 32 prompts), no reference model,
+# value model from the policy.
+EMBEDDED_PPO_PRESET = dict(EMBEDDED_PRESET, num_samples=4, prompts_per_step=32, num_epochs=1, kl_estimator="k1")
+
+
+def variant_defaults(cfg):
+    return PPO_RECIPE if cfg.algo == "ppo" else {}
+
+
+def embedded_preset(cfg):
+    return EMBEDDED_PPO_PRESET if cfg.algo == "ppo" else EMBEDDED_PRESET
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,6 +257,104 @@ def fill_logps(model, rows, name, cfg, device, use_bf16, tp_group):
     model.train()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# PPO pieces (the maths in nanotulu/ppo.py): a value model beside the policy, per-token rewards, GAE
+
+PPO_SUMS = GRPO_SUMS + ("value_loss", "value_clipped")  # what ppo_backward sums over trained tokens, in order
+
+
+@torch.no_grad()
+def fill_values(value_model, rows, cfg, device, use_bf16, tp_group):
+    """Adds row["old_value"] (capacity,) = the value model's per-token values at rollout time."""
+    value_model.eval()
+    for i in range(0, len(rows), cfg.micro_batch_rows):
+        chunk = rows[i:i + cfg.micro_batch_rows]
+        b = data.stack_rows(chunk, device)
+        with common.precision(value_model, use_bf16):
+            v = value_model(b["input_ids"], b["position_ids"], b["cu_seqlens"], head=losses.score_head(tp_group),
+                            max_seqlen=b.get("max_seqlen"))
+        for r, x in zip(chunk, v.float().cpu().view(len(chunk), -1)):
+            r["old_value"] = x
+    value_model.train()
+
+
+def ppo_backward(model, value_model, micro, cfg, impl="auto", mesh=None, use_bf16=False):
+    """Forward + backward of the policy and the value model over one mini-batch of packed rollout rows (stacked with
+    adv / ret / old_logp / old_value per position): clipped policy loss and clipped value loss, each summed over the
+    answer tokens and divided by the mini-batch's answer tokens over all ranks. Returns (sums of this rank named by
+    PPO_SUMS; n_tokens)."""
+    dp_world = 1 if mesh is None else mesh["dp"].size()
+    tpg = common.tp_group(mesh)
+    device = micro[0]["input_ids"].device
+    n_tokens = common.all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), common.dp_group(mesh))
+    scale = dp_world / n_tokens.clamp(min=1)  # data-parallel reduction averages over ranks: the mean wants the sum
+    sums = torch.zeros(len(PPO_SUMS), device=device)
+    # gradients reduced over the data-parallel ranks only in the last micro-batch's backward, for both models
+    for m, _ in zip(common.grad_sync_on_last(model, micro), common.grad_sync_on_last(value_model, micro)):
+        mask = (m["targets"].reshape(-1) != -100).float()
+
+        def pg_loss(lp, s=0, e=None):  # clipped policy loss of tokens [s, e)
+            return ppo.policy_loss(lp, m["old_logp"][s:e], m["adv"][s:e], cfg.clip_eps)
+
+        with common.precision(model, use_bf16):
+            if impl in ("auto", "fused"):  # the gradient formed in the forward pass, chunk by chunk (6NHV)
+                loss, logp, ent = token_logps(model, m, cfg.temperature, impl, tpg, entropy=True,
+                                              loss_fn=lambda lp, en, s, e: (pg_loss(lp, s, e)[0] * mask[s:e]).sum())
+            else:
+                logp, ent = token_logps(model, m, cfg.temperature, impl, tpg, entropy=True)
+                loss = (pg_loss(logp)[0] * mask).sum()
+        (loss * scale).backward()
+        with common.precision(value_model, use_bf16):
+            values = value_model(m["input_ids"], m["position_ids"], m["cu_seqlens"], head=losses.score_head(tpg),
+                                 max_seqlen=m.get("max_seqlen"))
+        vf, v_clipped = ppo.value_loss(values.float(), m["old_value"], m["ret"], cfg.value_clip_eps)
+        v_loss = (vf * mask).sum()
+        (v_loss * scale).backward()
+        kl = m["old_logp"] - m["ref_logp"] if "ref_logp" in m else torch.zeros_like(mask)  # k1 of the rollout
+        ent_sum = (ent.detach() * mask).sum() if ent is not None else torch.zeros((), device=device)
+        sums += torch.stack([loss.detach(), (kl * mask).sum(), (pg_loss(logp.detach())[1].float() * mask).sum(),
+                             ent_sum, mask.sum(), v_loss.detach(), (v_clipped.float() * mask).sum()])
+    return sums, n_tokens
+
+
+def ppo_rows(model, ref_model, value_model, group_prompts, outs, rew, cfg, capacity, pad_id, device, use_bf16, mesh):
+    """Phase 3 for PPO: every rollout packed into rows (padded to the agreed row count) with its old-policy log-probs,
+    reference log-probs (with a KL term), values, then advantages (GAE, whitened over all ranks) and returns."""
+    tpg = common.tp_group(mesh)
+    rows = rollout_rows(group_prompts, [o["tokens"] for o in outs], {"final_reward": rew.tolist()}, capacity, pad_id)
+    rows = pad_to_agreed_rows(rows, capacity, pad_id, ("final_reward",), device)
+    fill_logps(model, rows, "old_logp", cfg, device, use_bf16, tpg)
+    if ref_model is not None:
+        fill_logps(ref_model, rows, "ref_logp", cfg, device, use_bf16, tpg)
+    fill_values(value_model, rows, cfg, device, use_bf16, tpg)
+    ppo.advantages_and_returns(rows, cfg.beta, cfg.gamma, cfg.lam, common.dp_group(mesh))
+    return rows
+
+
+def ppo_update(model, value_model, optimizer, rows, cfg, step, mesh, device, use_bf16):
+    """Phase 4 for PPO: num_epochs passes in num_mini_batches steps of the one optimizer over both models (policy in
+    param group 0, value model in group 1, each clipped to max_grad_norm on its own). -> (PPO_SUMS sums, last
+    policy grad norm, last lr)."""
+    names = ("adv", "ret", "old_logp", "old_value") + (("ref_logp",) if cfg.beta > 0 else ())
+    n_mb = min(cfg.num_mini_batches, len(rows))
+    total_updates = cfg.steps * cfg.num_epochs * cfg.num_mini_batches
+    sums, grad_norm, lr = torch.zeros(len(PPO_SUMS), device=device), torch.zeros(()), cfg.lr
+    for epoch in range(cfg.num_epochs):
+        for k in range(n_mb):
+            mb = rows[k * len(rows) // n_mb:(k + 1) * len(rows) // n_mb]
+            micro = data.micro_batches(mb, cfg.micro_batch_rows, device, per_position=names)
+            sums += ppo_backward(model, value_model, micro, cfg, cfg.loss_impl, mesh, use_bf16)[0]
+            update_idx = (step * cfg.num_epochs + epoch) * cfg.num_mini_batches + k
+            lr = common.lr_at(update_idx, total_updates, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
+            grad_norm = common.clip_grad_norm(model, cfg.max_grad_norm)
+            common.clip_grad_norm(value_model, cfg.max_grad_norm)
+            optimizer.param_groups[0]["lr"] = lr
+            optimizer.param_groups[1]["lr"] = lr * (cfg.value_lr or cfg.lr) / cfg.lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm, lr
+
+
 class PromptSampler:
     """Each step, `per_step` prompt indices for this rank: epochs of seeded permutations, rank r takes every
     world-th prompt of the step's slice, so ranks never share a prompt and all run the same number of steps."""
@@ -273,7 +398,9 @@ def resolve_embedded_start(rank):
 def check_flags(cfg):
     if cfg.kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"--kl_estimator {cfg.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
-    if cfg.num_samples < 2:
+    if cfg.algo not in ("grpo", "ppo"):
+        raise ValueError(f"--algo {cfg.algo!r}: expected grpo or ppo")
+    if cfg.algo == "grpo" and cfg.num_samples < 2:
         raise ValueError("--num_samples must be >= 2: group-normalised advantages need a group")
     if cfg.row_capacity and cfg.row_capacity < cfg.max_prompt_len + cfg.max_new_tokens:
         raise ValueError(f"--row_capacity {cfg.row_capacity} cannot hold a prompt + answer of "
@@ -389,7 +516,8 @@ def update(model, optimizer, rows, cfg, step, mesh, device, use_bf16):
 
 
 def main(argv=None, finish=True):
-    cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, EMBEDDED_PRESET, argv, "RLVR")
+    cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, embedded_preset, argv, "RLVR",
+                                                                   variant=variant_defaults)
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
@@ -403,18 +531,22 @@ def main(argv=None, finish=True):
     capacity = cfg.row_capacity or cfg.max_prompt_len + cfg.max_new_tokens
     mesh = common.make_mesh(cfg, world, device)
 
-    def load_placed(path, check_like=None):
-        m = common.load_model(path, tok, device, cfg)
+    def load_placed(path, check_like=None, score_head=None):
+        m = common.load_model(path, tok, device, cfg, score_head=score_head)
         if check_like is not None and checkpoint.model_shape(m) != checkpoint.model_shape(check_like):
             raise ValueError(f"--ref_model {path}: its shape differs from the policy {model_dir}")
         return common.place(m, mesh, cfg, use_bf16, seq_len=capacity)
 
     model = load_placed(model_dir)
     ref_model = load_reference(cfg, cfg.ref_model or model_dir, model, load_placed)
+    value_model = load_placed(cfg.value_model or model_dir, score_head=True) if cfg.algo == "ppo" else None
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
     sampler = PromptSampler(len(tasks), cfg.prompts_per_step, dp_rank, dp_world, cfg.seed)
-    optimizer = common.make_optimizer(model, cfg, device)
-    ckpt_dir, step = checkpoint.resume(cfg, model, optimizer, sampler, rank, world)
+    trained = model if value_model is None else torch.nn.ModuleDict({"policy": model, "value": value_model})
+    optimizer = common.make_optimizer(trained, cfg, device) if value_model is None else torch.optim.AdamW(
+        [{"params": model.parameters()}, {"params": value_model.parameters()}], lr=cfg.lr,
+        weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    ckpt_dir, step = checkpoint.resume(cfg, trained, optimizer, sampler, rank, world)
     if rank == 0:
         common.truncate_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"), step)  # later steps are replayed
 
@@ -434,17 +566,26 @@ def main(argv=None, finish=True):
         if step == 0 and rank == 0 and not any(scores):
             print("warning: every answer of the first rollout batch failed verification: no reward signal yet "
                   "(is the model able to do these tasks at all, or is the verifier/ground truth wrong?)")
-        adv, equal = group_advantages(rew, cfg.num_samples)
-        keep = [i for i in range(len(outs)) if not (cfg.drop_equal_groups and equal[i // cfg.num_samples])]
-        rows = build_rows(model, ref_model, group_prompts, outs, adv, keep, cfg, capacity, tok.pad_token_id, device,
-                          use_bf16, common.tp_group(mesh))
-        t1 = time.perf_counter()
-        loss_sums, grad_norm, lr = update(model, optimizer, rows, cfg, step, mesh, device, use_bf16)
+        if value_model is None:  # GRPO: group-normalised advantages
+            adv, equal = group_advantages(rew, cfg.num_samples)
+            keep = [i for i in range(len(outs)) if not (cfg.drop_equal_groups and equal[i // cfg.num_samples])]
+            rows = build_rows(model, ref_model, group_prompts, outs, adv, keep, cfg, capacity, tok.pad_token_id,
+                              device, use_bf16, common.tp_group(mesh))
+            t1 = time.perf_counter()
+            loss_sums, grad_norm, lr = update(model, optimizer, rows, cfg, step, mesh, device, use_bf16)
+        else:  # PPO: per-token rewards, values, GAE
+            equal = torch.zeros(len(idx), dtype=torch.bool)
+            rows = ppo_rows(model, ref_model, value_model, group_prompts, outs, rew, cfg, capacity, tok.pad_token_id,
+                            device, use_bf16, mesh)
+            t1 = time.perf_counter()
+            loss_sums, grad_norm, lr = ppo_update(model, value_model, optimizer, rows, cfg, step, mesh, device,
+                                                  use_bf16)
         t_train = time.perf_counter() - t1
         step += 1
 
         # --- metrics: named sums of this rank, reduced over the data-parallel ranks once --------------------------
-        tot = common.reduce_named({**dict(zip(GRPO_SUMS, loss_sums)), "reward": rew.sum(), "score": sum(scores),
+        sum_names = GRPO_SUMS if value_model is None else PPO_SUMS
+        tot = common.reduce_named({**dict(zip(sum_names, loss_sums)), "reward": rew.sum(), "score": sum(scores),
                                    "correct": sum(s >= 1.0 for s in scores), "responses": len(outs),
                                    "response_tokens": sum(len(o["tokens"]) for o in outs),
                                    "equal_groups": int(equal.sum()), "stopped": sum(finished)},
@@ -457,15 +598,20 @@ def main(argv=None, finish=True):
             "equal_groups": tot["equal_groups"], "lr": lr, "grad_norm": grad_norm,
             "gen_tok/s": tot["response_tokens"] / dp_world / max(t_gen, 1e-9),
             "train_tok/s": n_tok / dp_world * cfg.num_epochs / max(t_train, 1e-9), "gen_s": t_gen, "train_s": t_train,
-            "verify_errors": vstats.get("error", 0) + vstats.get("timeout", 0)},
+            "verify_errors": vstats.get("error", 0) + vstats.get("timeout", 0),
+            **({} if value_model is None else {"value_loss": tot["value_loss"] / n_tok,
+                                               "value_clip_frac": tot["value_clipped"] / n_tok})},
             show=("reward", "accuracy", "kl", "response_len"))
         common.exit_if_asked(cfg, step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             held_out(model, tok, eval_rows, cfg, template, rank, step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": sampler.state_dict()}, rank)
+            checkpoint.save_checkpoint(ckpt_dir, step, trained, optimizer, {"data": sampler.state_dict()}, rank)
     metrics.close()
     final_acc = held_out(model, tok, eval_rows, cfg, template, rank, step)
+    if value_model is not None:  # the value model too, as a reward-model checkpoint
+        checkpoint.save_hf(value_model, os.path.join(cfg.output_dir, "final_value"), None if is_embedded else tok,
+                           template, rank=rank)
     return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
 
 

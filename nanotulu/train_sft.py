@@ -79,8 +79,9 @@ def held_out_loss(model, rows, micro_batch_rows, device, impl="auto", mesh=None,
     sums = torch.zeros(2, device=device)  # summed token loss, trained tokens
     for m in data.micro_batches(rows, micro_batch_rows, device):
         head = losses.loss_head("cross_entropy_sum", m["targets"], impl, common.tp_group(mesh))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            sums[0] += model(m["input_ids"], m["position_ids"], m["cu_seqlens"], head=head).float()
+        with common.precision(model, use_bf16):
+            sums[0] += model(m["input_ids"], m["position_ids"], m["cu_seqlens"], head=head,
+                             max_seqlen=m.get("max_seqlen")).float()
         sums[1] += (m["targets"] != -100).sum()
     sums = common.all_reduce_sum(sums, common.dp_group(mesh))
     return sums[0] / sums[1].clamp(min=1)
