@@ -1,8 +1,9 @@
 """The whole Tulu 3 recipe on the embedded default: SFT -> DPO -> RLVR, with held-out accuracy after each stage.
 
     python -m nanotulu.pipeline            # CPU, the embedded tiny model and synthetic verifiable tasks
+    python -m nanotulu.pipeline --rl both  # RLVR by GRPO and by PPO (a value model), both from the DPO model
 
-Writes runs/pipeline/{sft,dpo,rlvr}/ (metrics.jsonl, checkpoints, final HF model), runs/pipeline/summary.md (the
+Writes runs/pipeline/{sft,dpo,rlvr,ppo}/ (metrics.jsonl, checkpoints, final HF model), runs/pipeline/summary.md (the
 accuracy table) and runs/pipeline/curves.png (each stage's training curves and the accuracy per stage).
 """
 
@@ -69,12 +70,14 @@ def plot(out_dir, table):
     curve(ax[0, 1], dpo, "rewards/accuracy", "rewards/accuracy", "C1")
     ax[0, 1].set(title="DPO (dpo_norm)", xlabel="step")
     ax[0, 1].legend()
-    rl = read_jsonl(os.path.join(out_dir, "rlvr", "metrics.jsonl"))
-    curve(ax[1, 0], rl, "score", "rollout verifier score", "C2")
-    ax[1, 0].set(title="RLVR (GRPO)", xlabel="step")
+    for stage, label, color in (("rlvr", "GRPO", "C2"), ("ppo", "PPO", "C3")):
+        if any(t[0] == stage for t in table):
+            rl = read_jsonl(os.path.join(out_dir, stage, "metrics.jsonl"))
+            curve(ax[1, 0], rl, "score", f"{label}: rollout verifier score", color)
+    ax[1, 0].set(title="RLVR", xlabel="step")
     ax[1, 0].legend()
     names = [t[0] for t in table]
-    ax[1, 1].bar(names, [t[1] for t in table], color=["grey", "C0", "C1", "C2"][:len(names)])
+    ax[1, 1].bar(names, [t[1] for t in table], color=["grey", "C0", "C1", "C2", "C3"][:len(names)])
     for i, t in enumerate(table):
         ax[1, 1].text(i, t[1], f"{t[1]:.3f}", ha="center", va="bottom")
     ax[1, 1].set(title="held-out verified accuracy after each stage", ylim=(0, 1))
@@ -92,13 +95,16 @@ def main(argv=None):
                    "final/ exists and was trained with the same flags is reused; one with other flags is refused)")
     p.add_argument("--threads", type=int, default=common.EMBEDDED_THREADS, help="CPU threads; results depend on it "
                    "(float sums split differently): README's table is for the default (default: %(default)s)")
+    p.add_argument("--rl", default="grpo", choices=("grpo", "ppo", "both"), help="the RLVR stage: GRPO (stage "
+                   "'rlvr'), PPO with a value model (stage 'ppo'), or both from the same DPO model (default: "
+                   "%(default)s)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.output_dir
     t0 = time.perf_counter()
     test_rows = rewards.load_rlvr_rows(embedded.asset("rlvr_test.jsonl"))
     eval_tokens = EMBEDDED_MAX_NEW_TOKENS  # what `python -m nanotulu.eval` uses for the embedded model
-    stage_dir = {s: os.path.join(out, s) for s in ("sft", "dpo", "rlvr")}
+    stage_dir = {s: os.path.join(out, s) for s in ("sft", "dpo", "rlvr", "ppo")}
     fresh = ["--resume", "false"] if args.fresh else []
     sft_model, dpo_model = os.path.join(stage_dir["sft"], "final"), os.path.join(stage_dir["dpo"], "final")
     stages = [  # (name, trainer module, its flags)
@@ -107,17 +113,23 @@ def main(argv=None):
                             "--output_dir", stage_dir["dpo"], *preset_flags(train_dpo.EMBEDDED_PRESET), *fresh]),
         ("rlvr", train_rlvr, ["--model", dpo_model, "--tokenizer", "byte", "--data",
                               embedded.asset("rlvr_train.jsonl"), "--output_dir", stage_dir["rlvr"],
-                              *preset_flags(train_rlvr.EMBEDDED_PRESET), *fresh])]
+                              *preset_flags(train_rlvr.EMBEDDED_PRESET), *fresh]),
+        ("ppo", train_rlvr, ["--algo", "ppo", "--model", dpo_model, "--tokenizer", "byte", "--data",
+                             embedded.asset("rlvr_train.jsonl"), "--output_dir", stage_dir["ppo"],
+                             *preset_flags(train_rlvr.EMBEDDED_PPO_PRESET), *fresh])]
+    stages = [st for st in stages if st[0] in ("sft", "dpo") or {"grpo": "rlvr", "ppo": "ppo"}.get(args.rl, st[0])
+              == st[0]]
 
     def done(stage, trainer, flags):
         """The stage's final/ exists and was trained with these flags (its run_config.json): reuse it."""
         final, saved = os.path.join(stage_dir[stage], "final"), os.path.join(stage_dir[stage], "run_config.json")
         if args.fresh or not os.path.isfile(os.path.join(final, "config.json")) or not os.path.isfile(saved):
             return False
-        cls = {"sft": train_sft.SFTConfig, "dpo": train_dpo.DPOConfig, "rlvr": train_rlvr.RLVRConfig}[stage]
+        cls = {"sft": train_sft.SFTConfig, "dpo": train_dpo.DPOConfig}.get(stage, train_rlvr.RLVRConfig)
+        variant = train_rlvr.variant_defaults if trainer is train_rlvr else None
         with open(saved) as f:
             return not common.config_diff(json.load(f), dataclasses.asdict(
-                common.resolve_flags(cls, trainer.EMBEDDED_PRESET, flags)))
+                common.resolve_flags(cls, trainer.EMBEDDED_PRESET, flags, variant)))
 
     timings = {}
     table = [("init", *held_out_accuracy(None, test_rows, eval_tokens))]
@@ -127,7 +139,7 @@ def main(argv=None):
         if upstream_ran or not done(stage, trainer, flags):
             # after a retrained stage, the next ones start over: their checkpoints came from the old model
             trainer.main(flags + (["--resume", "false"] if upstream_ran and not args.fresh else []), finish=False)
-            upstream_ran = True
+            upstream_ran = upstream_ran or stage in ("sft", "dpo")  # the two RL stages are siblings
         timings[stage] = time.perf_counter() - t
         table.append((stage, *held_out_accuracy(os.path.join(stage_dir[stage], "final"), test_rows, eval_tokens)))
 

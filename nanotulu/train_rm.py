@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nanotulu import checkpoint, common, data, embedded, losses
+from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.model import num_flops_per_token
 from nanotulu.train_dpo import embedded_sft_model, load_pairs, pair_docs, pair_length
 
@@ -40,7 +41,7 @@ class RMConfig(common.RunFlags):
                                                          "--eval_fraction of --data"})
     eval_fraction: float = field(default=0.05, metadata={"help": "share of pairs held out when no --eval_data"})
     eval_every: int = field(default=0, metadata={"help": "held-out accuracy every N steps (0: end only)"})
-    template: str = field(default="", metadata={"help": data.TEMPLATE_HELP_OWN})
+    template: str = field(default="", metadata={"help": TEMPLATE_HELP_OWN})
     output_dir: str = "runs/rm"
     max_seq_len: int = field(default=2048, metadata={"help": "per sequence; a row holds 2 x this many tokens"})
     truncate: bool = field(default=True, metadata={"help": "cut over-long answers (false: drop the pair)"})
