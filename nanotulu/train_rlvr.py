@@ -515,18 +515,55 @@ def update(model, optimizer, rows, cfg, step, mesh, device, use_bf16):
     return sums, grad_norm, lr
 
 
+def check_prompts_per_step(cfg, n_prompts, world):
+    """Before any model loads: each step's prompts split evenly over the data-parallel ranks."""
+    dp = common.planned_dp_world(cfg, world)
+    if cfg.prompts_per_step % dp or cfg.prompts_per_step > n_prompts:
+        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the data-parallel ranks "
+                         f"({dp}) and at most the {n_prompts} prompts of --data: lower --prompts_per_step or add data")
+
+
+def trainables(model, value_model, cfg, device):
+    """-> (what a checkpoint holds, its optimizer): the policy, or for PPO the policy and the value model in one
+    container with one AdamW (param group 0 the policy, group 1 the value model)."""
+    if value_model is None:
+        return model, common.make_optimizer(model, cfg, device)
+    pair = torch.nn.ModuleDict({"policy": model, "value": value_model})
+    groups = [{"params": model.parameters()}, {"params": value_model.parameters()}]
+    return pair, torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def step_metrics(loss_sums, rew, scores, outs, equal, finished, vstats, grad_norm, lr, t_gen, t_train, cfg, mesh,
+                 device):
+    """One step's logged values: named sums of this rank reduced over the data-parallel ranks at once, then
+    averaged per answer or per trained token."""
+    names = GRPO_SUMS if len(loss_sums) == len(GRPO_SUMS) else PPO_SUMS
+    tot = common.reduce_named({**dict(zip(names, loss_sums)), "reward": rew.sum(), "score": sum(scores),
+                               "correct": sum(s >= 1.0 for s in scores), "responses": len(outs),
+                               "response_tokens": sum(len(o["tokens"]) for o in outs),
+                               "equal_groups": int(equal.sum()), "stopped": sum(finished)}, common.dp_group(mesh),
+                              device)
+    n, n_tok, dp_world = tot["responses"], tot["tokens"].clamp(min=1), common.dp_coords(mesh, 0, 1)[1]
+    values = {"reward": tot["reward"] / n, "score": tot["score"] / n, "accuracy": tot["correct"] / n,
+              "loss": tot["loss"] / n_tok, "kl": tot["kl"] / n_tok, "clip_frac": tot["clipped"] / n_tok,
+              "entropy": tot["entropy"] / n_tok, "response_len": tot["response_tokens"] / n,
+              "stopped": tot["stopped"] / n, "equal_groups": tot["equal_groups"], "lr": lr, "grad_norm": grad_norm,
+              "gen_tok/s": tot["response_tokens"] / dp_world / max(t_gen, 1e-9),
+              "train_tok/s": n_tok / dp_world * cfg.num_epochs / max(t_train, 1e-9), "gen_s": t_gen,
+              "train_s": t_train, "verify_errors": vstats.get("error", 0) + vstats.get("timeout", 0)}
+    if names is PPO_SUMS:
+        values.update({"value_loss": tot["value_loss"] / n_tok, "value_clip_frac": tot["value_clipped"] / n_tok})
+    return values
+
+
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, embedded_preset, argv, "RLVR",
                                                                    variant=variant_defaults)
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
-    model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model
     tasks, prompts, eval_rows = load_tasks(cfg, is_embedded, tok, template)
-    dp = common.planned_dp_world(cfg, world)
-    if cfg.prompts_per_step % dp or cfg.prompts_per_step > len(tasks):
-        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the data-parallel ranks "
-                         f"({dp}) and at most the {len(tasks)} prompts of --data: lower --prompts_per_step or add data")
+    check_prompts_per_step(cfg, len(tasks), world)
     model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model
     capacity = cfg.row_capacity or cfg.max_prompt_len + cfg.max_new_tokens
     mesh = common.make_mesh(cfg, world, device)
@@ -542,10 +579,7 @@ def main(argv=None, finish=True):
     value_model = load_placed(cfg.value_model or model_dir, score_head=True) if cfg.algo == "ppo" else None
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
     sampler = PromptSampler(len(tasks), cfg.prompts_per_step, dp_rank, dp_world, cfg.seed)
-    trained = model if value_model is None else torch.nn.ModuleDict({"policy": model, "value": value_model})
-    optimizer = common.make_optimizer(trained, cfg, device) if value_model is None else torch.optim.AdamW(
-        [{"params": model.parameters()}, {"params": value_model.parameters()}], lr=cfg.lr,
-        weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    trained, optimizer = trainables(model, value_model, cfg, device)
     ckpt_dir, step = checkpoint.resume(cfg, trained, optimizer, sampler, rank, world)
     if rank == 0:
         common.truncate_jsonl(os.path.join(cfg.output_dir, "eval.jsonl"), step)  # later steps are replayed
@@ -564,8 +598,7 @@ def main(argv=None, finish=True):
         t_gen = time.perf_counter() - t0
         scores, rew, finished, vstats = score(outs, [tasks[i] for i in idx], cfg, tok)
         if step == 0 and rank == 0 and not any(scores):
-            print("warning: every answer of the first rollout batch failed verification: no reward signal yet "
-                  "(is the model able to do these tasks at all, or is the verifier/ground truth wrong?)")
+            print("warning: every answer of the first rollout batch failed verification: no reward signal yet")
         if value_model is None:  # GRPO: group-normalised advantages
             adv, equal = group_advantages(rew, cfg.num_samples)
             keep = [i for i in range(len(outs)) if not (cfg.drop_equal_groups and equal[i // cfg.num_samples])]
@@ -583,25 +616,8 @@ def main(argv=None, finish=True):
         t_train = time.perf_counter() - t1
         step += 1
 
-        # --- metrics: named sums of this rank, reduced over the data-parallel ranks once --------------------------
-        sum_names = GRPO_SUMS if value_model is None else PPO_SUMS
-        tot = common.reduce_named({**dict(zip(sum_names, loss_sums)), "reward": rew.sum(), "score": sum(scores),
-                                   "correct": sum(s >= 1.0 for s in scores), "responses": len(outs),
-                                   "response_tokens": sum(len(o["tokens"]) for o in outs),
-                                   "equal_groups": int(equal.sum()), "stopped": sum(finished)},
-                                  common.dp_group(mesh), device)
-        n, n_tok = tot["responses"], tot["tokens"].clamp(min=1)
-        metrics.log(step, {
-            "reward": tot["reward"] / n, "score": tot["score"] / n, "accuracy": tot["correct"] / n,
-            "loss": tot["loss"] / n_tok, "kl": tot["kl"] / n_tok, "clip_frac": tot["clipped"] / n_tok,
-            "entropy": tot["entropy"] / n_tok, "response_len": tot["response_tokens"] / n, "stopped": tot["stopped"] / n,
-            "equal_groups": tot["equal_groups"], "lr": lr, "grad_norm": grad_norm,
-            "gen_tok/s": tot["response_tokens"] / dp_world / max(t_gen, 1e-9),
-            "train_tok/s": n_tok / dp_world * cfg.num_epochs / max(t_train, 1e-9), "gen_s": t_gen, "train_s": t_train,
-            "verify_errors": vstats.get("error", 0) + vstats.get("timeout", 0),
-            **({} if value_model is None else {"value_loss": tot["value_loss"] / n_tok,
-                                               "value_clip_frac": tot["value_clipped"] / n_tok})},
-            show=("reward", "accuracy", "kl", "response_len"))
+        metrics.log(step, step_metrics(loss_sums, rew, scores, outs, equal, finished, vstats, grad_norm, lr, t_gen,
+                                       t_train, cfg, mesh, device), show=("reward", "accuracy", "kl", "response_len"))
         common.exit_if_asked(cfg, step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             held_out(model, tok, eval_rows, cfg, template, rank, step)

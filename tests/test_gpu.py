@@ -1,0 +1,85 @@
+"""What only a GPU can show (every test skips on a CPU; bench/gpu_suite.py runs them with TRITON_INTERPRET=0):
+the Triton kernels compiled for the GPU on bf16 inputs against a float64 reference, and one SFT step under FSDP2 with
+bf16 mixed precision against the same step of a plain fp32 model. Packed flex / varlen attention against SDPA and
+the compiled CUDA-graph decode against eager are in test_model.py, test_generate.py and test_rlvr.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+N, H, V = 1000, 256, 5003  # not multiples of any tile: ragged edges in both directions
+
+
+def inputs(seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(N, H, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.05).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    t[::7] = -100  # ignored tokens
+    return h, w, t
+
+
+def reference_logps(h, w, t):
+    """float64 log p(target) of the same bf16 values, 0 where ignored."""
+    lp = torch.log_softmax(h.double() @ w.double().T, -1).gather(1, t.clamp(min=0)[:, None])[:, 0]
+    return torch.where(t == -100, torch.zeros_like(lp), lp)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("path", ["tiles", "fused"])
+def test_bf16_kernels_match_float64(path):
+    from nanotulu import kernels
+
+    h, w, t = inputs()
+    g = torch.randn(N, device="cuda", dtype=torch.float64)  # an arbitrary per-token upstream gradient
+    if path == "tiles":
+        lp = kernels.linear_logprobs(h, w, t, impl="triton")
+        (lp.double() * g).sum().backward()
+    else:
+        loss, lp, _ = kernels.fused_linear_loss(h, w, t, lambda lp, en, s, e: (lp.double() * g[s:e]).sum().float(),
+                                                row_impl="triton")
+        loss.backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = reference_logps(h64, w64, t)
+    (want * g).sum().backward()
+    assert (lp.double() - want).abs().max().item() < 2e-2  # bf16 logits products, fp32 log-sum-exp
+    assert rel(h.grad, h64.grad) < 2e-2 and rel(w.grad, w64.grad) < 2e-2
+
+
+def test_fsdp2_bf16_mixed_precision_sft_step_matches_fp32():
+    """One GPU, one process: FSDP2 with bf16 parameters in compute and fp32 gradient reduction (what the trainers
+    place on a GPU) against the plain fp32 model: same loss and gradients within bf16 accuracy."""
+    import torch.distributed as dist
+
+    from nanotulu import common, data, parallel
+    from nanotulu.model import LlamaConfig, build_model
+    from nanotulu.train_sft import sft_backward
+
+    cfg = LlamaConfig(vocab_size=264, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
+    docs = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 5 + list(range(8, 3 + n))} for n in (60, 41, 90)]
+    row = data.make_row(docs, 256, 0)
+    batch = data.stack_rows([row], "cuda")
+
+    plain = build_model(cfg, device="cuda", seed=1)
+    loss32, _ = sft_backward(plain, [batch], impl="auto")
+    grads32 = {n: p.grad.clone() for n, p in plain.named_parameters()}
+
+    rank, world, device = common.init_distributed()  # NCCL, one rank
+    try:
+        mesh = parallel.build_mesh(world, -1, 1, device)
+        model = parallel.parallelize(build_model(cfg, device="cuda", seed=1), mesh, bf16=True, seq_len=256)
+        loss16, _ = sft_backward(model, [batch], impl="auto", mesh=mesh, use_bf16=True)
+        assert abs(loss16.item() - loss32.item()) < 2e-2 * abs(loss32.item())
+        for n, p in model.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            assert g.dtype == torch.float32  # fp32 master gradients
+            assert F.cosine_similarity(g.flatten().double(), grads32[n].flatten().double(), dim=0) > 0.99, n
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
