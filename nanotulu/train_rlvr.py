@@ -336,22 +336,15 @@ def ppo_update(model, value_model, optimizer, rows, cfg, step, mesh, device, use
     param group 0, value model in group 1, each clipped to max_grad_norm on its own). -> (PPO_SUMS sums, last
     policy grad norm, last lr)."""
     names = ("adv", "ret", "old_logp", "old_value") + (("ref_logp",) if cfg.beta > 0 else ())
-    n_mb = min(cfg.num_mini_batches, len(rows))
-    total_updates = cfg.steps * cfg.num_epochs * cfg.num_mini_batches
     sums, grad_norm, lr = torch.zeros(len(PPO_SUMS), device=device), torch.zeros(()), cfg.lr
-    for epoch in range(cfg.num_epochs):
-        for k in range(n_mb):
-            mb = rows[k * len(rows) // n_mb:(k + 1) * len(rows) // n_mb]
-            micro = data.micro_batches(mb, cfg.micro_batch_rows, device, per_position=names)
-            sums += ppo_backward(model, value_model, micro, cfg, cfg.loss_impl, mesh, use_bf16)[0]
-            update_idx = (step * cfg.num_epochs + epoch) * cfg.num_mini_batches + k
-            lr = common.lr_at(update_idx, total_updates, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
-            grad_norm = common.clip_grad_norm(model, cfg.max_grad_norm)
-            common.clip_grad_norm(value_model, cfg.max_grad_norm)
-            optimizer.param_groups[0]["lr"] = lr
-            optimizer.param_groups[1]["lr"] = lr * (cfg.value_lr or cfg.lr) / cfg.lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    for lr, micro in mini_batches(rows, cfg, step, device, names):
+        sums += ppo_backward(model, value_model, micro, cfg, cfg.loss_impl, mesh, use_bf16)[0]
+        grad_norm = common.clip_grad_norm(model, cfg.max_grad_norm)
+        common.clip_grad_norm(value_model, cfg.max_grad_norm)
+        optimizer.param_groups[0]["lr"] = lr
+        optimizer.param_groups[1]["lr"] = lr * (cfg.value_lr or cfg.lr) / cfg.lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm, lr
 
 
@@ -496,22 +489,29 @@ def build_rows(model, ref_model, group_prompts, outs, adv, keep, cfg, capacity, 
     return rows
 
 
+def mini_batches(rows, cfg, step, device, names):
+    """The update schedule of one rollout batch: num_epochs passes over the rows in num_mini_batches slices (fewer
+    when there are fewer rows: every rank has the same row count, so all take the same steps). Yields, per optimizer
+    step, (its learning rate, its stacked micro-batches with the per-position `names`)."""
+    n_mb = min(cfg.num_mini_batches, len(rows))
+    total_updates = cfg.steps * cfg.num_epochs * cfg.num_mini_batches
+    for epoch in range(cfg.num_epochs):
+        for k in range(n_mb):
+            update_idx = (step * cfg.num_epochs + epoch) * cfg.num_mini_batches + k
+            lr = common.lr_at(update_idx, total_updates, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
+            mb = rows[k * len(rows) // n_mb:(k + 1) * len(rows) // n_mb]
+            yield lr, data.micro_batches(mb, cfg.micro_batch_rows, device, per_position=names)
+
+
 def update(model, optimizer, rows, cfg, step, mesh, device, use_bf16):
     """Phase 4: num_epochs passes over the rollout rows in num_mini_batches optimizer steps each (fewer when there
     are fewer rows: every rank has the same row count, so all take the same steps).
     -> (GRPO_SUMS sums (5,) of this rank, last grad norm, last lr)."""
     names = ("adv", "old_logp") + (("ref_logp",) if cfg.beta > 0 else ())
-    n_mb = min(cfg.num_mini_batches, len(rows))
-    total_updates = cfg.steps * cfg.num_epochs * cfg.num_mini_batches
     sums, grad_norm, lr = torch.zeros(len(GRPO_SUMS), device=device), torch.zeros(()), cfg.lr
-    for epoch in range(cfg.num_epochs):
-        for k in range(n_mb):
-            mb = rows[k * len(rows) // n_mb:(k + 1) * len(rows) // n_mb]
-            micro = data.micro_batches(mb, cfg.micro_batch_rows, device, per_position=names)
-            sums += grpo_backward(model, micro, cfg, cfg.loss_impl, mesh, use_bf16)[0]
-            update_idx = (step * cfg.num_epochs + epoch) * cfg.num_mini_batches + k
-            lr = common.lr_at(update_idx, total_updates, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
-            grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
+    for lr, micro in mini_batches(rows, cfg, step, device, names):
+        sums += grpo_backward(model, micro, cfg, cfg.loss_impl, mesh, use_bf16)[0]
+        grad_norm = common.optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
     return sums, grad_norm, lr
 
 
