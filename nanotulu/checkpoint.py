@@ -57,6 +57,13 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, extra, rank, keep=2):
     return final
 
 
+def save_if_due(cfg, ckpt_dir, step, total_steps, model, optimizer, data_state, rank):
+    """Every --save_every steps (not after the last: the final export follows), a checkpoint with the data loader's
+    or prompt sampler's position."""
+    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+        save_checkpoint(ckpt_dir, step, model, optimizer, {"data": data_state.state_dict()}, rank)
+
+
 def resume(cfg, model, optimizer, data_state, rank, world):
     """With --resume, continues from the latest checkpoint in output_dir/checkpoints: model, optimizer, RNG and
     `data_state` (the data loader or prompt sampler: anything with state_dict/load_state_dict).

@@ -621,8 +621,7 @@ def main(argv=None, finish=True):
         common.exit_if_asked(cfg, step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             held_out(model, tok, eval_rows, cfg, template, rank, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            checkpoint.save_checkpoint(ckpt_dir, step, trained, optimizer, {"data": sampler.state_dict()}, rank)
+        checkpoint.save_if_due(cfg, ckpt_dir, step, cfg.steps, trained, optimizer, sampler, rank)
     metrics.close()
     final_acc = held_out(model, tok, eval_rows, cfg, template, rank, step)
     if value_model is not None:  # the value model too, as a reward-model checkpoint

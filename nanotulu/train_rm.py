@@ -189,8 +189,7 @@ def main(argv=None, finish=True):
                     show=("loss", "accuracy", "eval/accuracy", "tok/s"))
         if rank == 0 and evals:
             print(f"held-out pairwise accuracy at step {step}: {float(evals['eval/accuracy']):.3f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
+        checkpoint.save_if_due(cfg, ckpt_dir, step, total_steps, model, optimizer, loader, rank)
     metrics.close()
     return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 

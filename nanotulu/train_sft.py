@@ -149,8 +149,7 @@ def main(argv=None, finish=True):
                                              use_bf16)
             speed.t = time.perf_counter()  # the evaluation is not training time
         metrics.log(step, row, show=("loss", "eval/loss", "lr", "tok/s"))
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            checkpoint.save_checkpoint(ckpt_dir, step, model, optimizer, {"data": loader.state_dict()}, rank)
+        checkpoint.save_if_due(cfg, ckpt_dir, step, total_steps, model, optimizer, loader, rank)
     metrics.close()
     return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
