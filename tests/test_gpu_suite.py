@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_suite_cpu_smoke(tmp_path):
-    only = ["environment", "CUDA tests", "report", "losses", "DPO step", "generation", "RLVR"]
+    only = ["environment", "CUDA tests", "report", "losses", "DPO step vs", "generation", "RLVR"]
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), str(tmp_path), "--cpu-smoke",
                         "--only", *only], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
