@@ -55,7 +55,8 @@ class RMConfig(common.RunFlags):
     save_every: int = 200
 
 
-EMBEDDED_PRESET = dict(max_seq_len=256, lr=1e-4, warmup_ratio=0.1, batch_rows=8, save_every=50, eval_fraction=0.1)
+# tuned on the 2-core CPU: lr 1e-4 reached 0.540 held-out accuracy, 1e-3 reached 0.605 (200 held-out pairs)
+EMBEDDED_PRESET = dict(max_seq_len=256, lr=1e-3, warmup_ratio=0.1, batch_rows=8, save_every=50, eval_fraction=0.1)
 
 RM_SUMS = ("loss", "accuracy", "rewards/chosen", "rewards/rejected")  # what rm_backward sums over pairs, in order
 
