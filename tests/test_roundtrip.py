@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-from nanotulu import data
 from nanotulu.data import TULU_CHAT_TEMPLATE, load_tokenizer, render_tulu, resolve_template
 
 transformers = pytest.importorskip("transformers")
