@@ -12,18 +12,15 @@ sequences; MFU = tokens/s x training FLOPs per token (ANCHORS.md) / the device's
 """
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nanotulu import common, data  # noqa: E402
-from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model, config_to_hf, num_flops_per_token  # noqa: E402
-from nanotulu.data import stack_pair_rows  # noqa: E402
-from nanotulu.train_dpo import dpo_backward, dpo_loss, pair_docs  # noqa: E402
+from nanotulu import common, data
+from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model, config_to_hf, num_flops_per_token
+from nanotulu.data import stack_pair_rows
+from nanotulu.train_dpo import dpo_backward, dpo_loss, pair_docs
 
 TINY = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)

@@ -17,16 +17,13 @@ machines (no network on the GPU hosts), so there is no backend for it.
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nanotulu.generate import generate  # noqa: E402
-from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model  # noqa: E402
+from nanotulu.generate import generate
+from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model
 
 LLAMA_32_1B = LLAMA_3_2_1B
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -51,7 +51,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from nanotulu.kernels import fused_linear_loss, linear_cross_entropy, linear_logprobs  # noqa: E402
+from nanotulu.kernels.chunked_loss import fused_linear_loss  # noqa: E402
+from nanotulu.kernels.linear_logprobs import linear_cross_entropy, linear_logprobs  # noqa: E402
 
 IGNORE = -100
 

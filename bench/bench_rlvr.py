@@ -15,18 +15,15 @@ allocator warm-up); the figures are of the second.
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nanotulu import common  # noqa: E402
-from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model  # noqa: E402
-from nanotulu.train_rlvr import RLVRConfig, build_rows, group_advantages, rollout, update  # noqa: E402
+from nanotulu import common
+from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model
+from nanotulu.train_rlvr import RLVRConfig, build_rows, group_advantages, rollout, update
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512)

@@ -21,18 +21,15 @@ top kernels below the table).
 import argparse
 import collections
 import dataclasses
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nanotulu import common, data  # noqa: E402
-from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model, num_flops_per_token, pick_backend  # noqa: E402
-from nanotulu.train_dpo import dpo_backward, pair_docs  # noqa: E402
-from nanotulu.train_sft import SFTConfig, sft_backward  # noqa: E402
+from nanotulu import common, data
+from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model, num_flops_per_token, pick_backend
+from nanotulu.train_dpo import dpo_backward, pair_docs
+from nanotulu.train_sft import SFTConfig, sft_backward
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)

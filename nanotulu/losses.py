@@ -11,7 +11,7 @@ def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
     with the gradient formed in the forward pass (6NHV). impl "auto" and "fused" take the fused path for
     "cross_entropy_sum" too ("fused": Triton row kernels even on CPU, interpreted); "triton" / "torch" the 8NHV
     kernels. Under tensor parallel the weight is a vocab shard and the kernels combine the shards."""
-    from nanotulu import kernels
+    from nanotulu.kernels import chunked_loss, linear_logprobs as tiles
 
     fused = fn == "fused" or (fn == "cross_entropy_sum" and impl in ("auto", "fused"))
     row_impl = "triton" if impl == "fused" else "auto"
@@ -28,10 +28,10 @@ def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
             h = hidden.reshape(-1, hidden.shape[-1]).to(local.dtype)
             start = local.shape[0] * dist.get_rank(tp_group)
             if fused:
-                out = kernels.fused_linear_loss(h, local, targets.reshape(-1), row_impl=row_impl, vocab_start=start,
+                out = chunked_loss.fused_linear_loss(h, local, targets.reshape(-1), row_impl=row_impl, vocab_start=start,
                                                 tp_group=tp_group, **kw)
                 return out[0] if fn == "cross_entropy_sum" else out
-            logps = kernels.vocab_parallel_linear_logprobs(h, local, targets.reshape(-1), start, tp_group,
+            logps = tiles.vocab_parallel_linear_logprobs(h, local, targets.reshape(-1), start, tp_group,
                                                            impl=impl)
             if fn == "logprobs":
                 return logps
@@ -40,11 +40,11 @@ def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
         if h.dtype != weight.dtype:
             h = h.to(weight.dtype)
         if fused:
-            out = kernels.fused_linear_loss(h, weight, targets.reshape(-1), row_impl=row_impl, **kw)
+            out = chunked_loss.fused_linear_loss(h, weight, targets.reshape(-1), row_impl=row_impl, **kw)
             return out[0] if fn == "cross_entropy_sum" else out
         if fn == "cross_entropy_sum":
-            return kernels.linear_cross_entropy(h, weight, targets.reshape(-1), reduction="sum", impl=impl)
-        return kernels.linear_logprobs(h, weight, targets.reshape(-1), impl=impl, **kw)
+            return tiles.linear_cross_entropy(h, weight, targets.reshape(-1), reduction="sum", impl=impl)
+        return tiles.linear_logprobs(h, weight, targets.reshape(-1), impl=impl, **kw)
 
     return head
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from nanotulu import common
-from nanotulu.kernels import fused_linear_loss, linear_cross_entropy, linear_logprobs, plan_chunks
+from nanotulu.kernels.chunked_loss import fused_linear_loss, plan_chunks
+from nanotulu.kernels.linear_logprobs import linear_cross_entropy, linear_logprobs
 from nanotulu.train_dpo import dpo_loss
 from nanotulu.train_rlvr import grpo_token_loss
 

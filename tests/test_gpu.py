@@ -33,15 +33,16 @@ def rel(a, b):
 
 @pytest.mark.parametrize("path", ["tiles", "fused"])
 def test_bf16_kernels_match_float64(path):
-    from nanotulu import kernels
+    from nanotulu.kernels.chunked_loss import fused_linear_loss
+    from nanotulu.kernels.linear_logprobs import linear_logprobs
 
     h, w, t = inputs()
     g = torch.randn(N, device="cuda", dtype=torch.float64)  # an arbitrary per-token upstream gradient
     if path == "tiles":
-        lp = kernels.linear_logprobs(h, w, t, impl="triton")
+        lp = linear_logprobs(h, w, t, impl="triton")
         (lp.double() * g).sum().backward()
     else:
-        loss, lp, _ = kernels.fused_linear_loss(h, w, t, lambda lp, en, s, e: (lp.double() * g[s:e]).sum().float(),
+        loss, lp, _ = fused_linear_loss(h, w, t, lambda lp, en, s, e: (lp.double() * g[s:e]).sum().float(),
                                                 row_impl="triton")
         loss.backward()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()

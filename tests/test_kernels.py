@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nanotulu import common
-from nanotulu.kernels import (
+from nanotulu.kernels.linear_logprobs import (
     linear_cross_entropy,
     linear_logprobs,
     logprob_stats,
