@@ -17,10 +17,11 @@ import time
 import torch
 
 
-from nanotulu import common, data
+from nanotulu import data, run
 from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model, config_to_hf, num_flops_per_token
 from nanotulu.data import stack_pair_rows
-from nanotulu.train_dpo import dpo_backward, dpo_loss, pair_docs
+from nanotulu.algos.dpo import DPOParams, dpo_backward, dpo_loss
+from nanotulu.pairs import pair_docs
 
 TINY = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)
@@ -49,7 +50,7 @@ def run_nanotulu(cfg, pairs, device, capacity, steps, impl):
     model = build_model(cfg, device=device, dtype=torch.float32)
     if device.type == "cuda":  # what train_dpo does on a GPU: FSDP2 on one rank, bf16 params, fp32 master weights
         from nanotulu import parallel
-        common.init_distributed()
+        run.init_distributed()
         model = parallel.parallelize(model, parallel.build_mesh(1, -1, 1, device), bf16=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     bins = data.pack([len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs], capacity)
@@ -63,7 +64,7 @@ def run_nanotulu(cfg, pairs, device, capacity, steps, impl):
     kw = dict(loss_type="dpo_norm", beta=5.0)
 
     def step():
-        dpo_backward(model, micro, lambda m: ref[m["pair_ids"]], kw, impl)
+        dpo_backward(model, micro, lambda m: ref[m["pair_ids"]], DPOParams(**kw), impl)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -137,7 +138,7 @@ def main():
     tokens = sum(len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs)
     capacity = 2 * args.seq_len
     flops = num_flops_per_token(cfg, args.seq_len)
-    peak = common.peak_flops(device)
+    peak = run.peak_flops(device)
     results = []
     (sec, mem), n_rows = run_nanotulu(cfg, pairs, device, capacity, args.steps, impl)
     results.append(("nanotulu (packed, fused kernel)", sec, mem, f"{n_rows} rows x {capacity}"))
@@ -146,14 +147,14 @@ def main():
         (sec, mem), T = run_baseline(cfg, pairs, device, args.steps)
         results.append(("transformers (padded, full logits)", sec, mem, f"{2 * args.pairs} x {T} padded"))
     print(f"DPO step, {args.pairs} pairs, sequences <= {args.seq_len} tokens, {tokens} real tokens, "
-          f"device: {common.device_name()}")
+          f"device: {run.device_name()}")
     print("| engine | layout | step ms | tokens/s | peak GiB | MFU | speedup |\n|---|---|---|---|---|---|---|")
     base = results[-1][1]
     for name, sec, mem, layout in results:
         mfu = f"{tokens / sec * flops / peak:.1%}" if peak else "n/a"
         print(f"| {name} | {layout} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | {mem:.2f} | {mfu} | "
               f"{base / sec:.2f}x |")
-    common.finish_distributed()
+    run.finish_distributed()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ allocator warm-up); the figures are of the second.
 """
 
 import argparse
-import dataclasses
 import json
 import time
 from types import SimpleNamespace
@@ -21,9 +20,11 @@ from types import SimpleNamespace
 import torch
 
 
-from nanotulu import common
+from nanotulu import parallel, run
 from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model
-from nanotulu.train_rlvr import RLVRConfig, build_rows, group_advantages, rollout, update
+from nanotulu.algos.grpo import GRPOParams, build_rows, group_advantages, update
+from nanotulu.algos.rollout import RolloutParams, UpdateSchedule, rollout
+from nanotulu.flags import TrainFlags
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512)
@@ -34,25 +35,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def one_step(model, ref_model, optimizer, prompts, cfg, mesh, device, use_bf16, seed):
+def one_step(model, ref_model, optimizer, prompts, roll, hp, sched, mesh, device, use_bf16, seed):
     """The phases of train_rlvr.main for one step -> {phase: seconds}, response tokens."""
     tok = SimpleNamespace(eos_token_id=-1, pad_token_id=0)  # -1: no EOS, every answer runs to max_new_tokens
     times = {}
     sync(device)
     t = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(seed)
-    group_prompts, outs = rollout(model, prompts, cfg, tok, gen, mesh)
+    group_prompts, outs = rollout(model, prompts, roll, tok, gen, mesh)
     sync(device)
     times["rollout"], t = time.perf_counter() - t, time.perf_counter()
     rew = torch.randint(0, 2, (len(outs),), generator=torch.Generator().manual_seed(seed)).double() * 10
-    adv, _ = group_advantages(rew, cfg.num_samples)
+    adv, _ = group_advantages(rew, roll.num_samples)
     times["score"], t = time.perf_counter() - t, time.perf_counter()
-    capacity = cfg.max_prompt_len + cfg.max_new_tokens
-    rows = build_rows(model, ref_model, group_prompts, outs, adv, list(range(len(outs))), cfg, capacity,
-                      tok.pad_token_id, device, use_bf16, common.tp_group(mesh))
+    capacity = roll.max_prompt_len + roll.max_new_tokens
+    rows = build_rows(model, ref_model, group_prompts, outs, adv, list(range(len(outs))), hp, capacity,
+                      tok.pad_token_id, device, use_bf16, parallel.tp_group(mesh))
     sync(device)
     times["build_rows (old + ref log-probs)"], t = time.perf_counter() - t, time.perf_counter()
-    update(model, optimizer, rows, cfg, 0, mesh, device, use_bf16)
+    update(model, optimizer, rows, hp, sched, 0, mesh, device, use_bf16)
     sync(device)
     times["update (GRPO fwd + bwd + step)"] = time.perf_counter() - t
     return times, sum(len(o["tokens"]) for o in outs)
@@ -72,40 +73,42 @@ def main(argv=None):
     if args.cpu_smoke:
         args.prompts, args.num_samples, args.prompt_len, args.new_tokens, args.micro_batch_rows = 2, 4, 24, 16, 2
 
-    rank, world, device = common.init_distributed()  # one process; on CUDA a group for FSDP2's bf16 compute
+    rank, world, device = run.init_distributed()  # one process; on CUDA a group for FSDP2's bf16 compute
     model_cfg = TINY if args.cpu_smoke else LLAMA_3_2_1B
-    cfg = dataclasses.replace(RLVRConfig(), num_samples=args.num_samples, prompts_per_step=args.prompts,
-                              max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens, beta=args.beta,
-                              micro_batch_rows=args.micro_batch_rows, num_mini_batches=1, steps=1, lr=1e-6)
+    cfg = TrainFlags(lr=1e-6)  # placement and optimizer flags, the trainers' defaults
+    roll = RolloutParams(num_samples=args.num_samples, max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens)
+    hp = GRPOParams(beta=args.beta, micro_batch_rows=args.micro_batch_rows)
+    sched = UpdateSchedule(steps=1, num_mini_batches=1, lr=1e-6)
     use_bf16 = device.type == "cuda"
-    mesh = common.make_mesh(cfg, world, device)
+    mesh = parallel.make_mesh(cfg, world, device)
     capacity = args.prompt_len + args.new_tokens
-    model = common.place(build_model(model_cfg, device=device, seed=0), mesh, cfg, use_bf16, seq_len=capacity)
+    model = parallel.place(build_model(model_cfg, device=device, seed=0), mesh, cfg, use_bf16, seq_len=capacity)
     ref_model = None
     if args.beta > 0:
-        ref_model = common.place(build_model(model_cfg, device=device, seed=0), mesh, cfg, use_bf16, seq_len=capacity)
+        ref_model = parallel.place(build_model(model_cfg, device=device, seed=0), mesh, cfg, use_bf16, seq_len=capacity)
         ref_model.requires_grad_(False)
-    optimizer = common.make_optimizer(model, cfg, device)
+    optimizer = run.make_optimizer(model, cfg, device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, model_cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
                for _ in range(args.prompts)]
 
-    one_step(model, ref_model, optimizer, prompts, cfg, mesh, device, use_bf16, seed=1)  # warm-up
-    times, new_tokens = one_step(model, ref_model, optimizer, prompts, cfg, mesh, device, use_bf16, seed=2)
+    one_step(model, ref_model, optimizer, prompts, roll, hp, sched, mesh, device, use_bf16, seed=1)  # warm-up
+    times, new_tokens = one_step(model, ref_model, optimizer, prompts, roll, hp, sched, mesh, device, use_bf16,
+                                 seed=2)
     total = sum(times.values())
-    print(f"one RLVR step on {common.device_name()}: {args.prompts} prompts x {args.num_samples} samples, "
+    print(f"one RLVR step on {run.device_name()}: {args.prompts} prompts x {args.num_samples} samples, "
           f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, model hidden {model_cfg.hidden_size} x "
           f"{model_cfg.num_hidden_layers} layers, beta {args.beta}")
     print(f"{'phase':<36} {'seconds':>9} {'share':>7}")
     for name, s in times.items():
         print(f"{name:<36} {s:>9.3f} {100 * s / total:>6.1f}%")
     print(f"{'total':<36} {total:>9.3f}   (generation {new_tokens / times['rollout']:.0f} new tokens/s)")
-    fig = {"device": common.device_name(), "seconds": times, "total_s": total, "new_tokens": new_tokens,
+    fig = {"device": run.device_name(), "seconds": times, "total_s": total, "new_tokens": new_tokens,
            "generation_share": times["rollout"] / total, "prompts": args.prompts, "num_samples": args.num_samples}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(fig, f, indent=2)
-    common.finish_distributed()
+    run.finish_distributed()
     return fig
 
 

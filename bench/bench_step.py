@@ -6,7 +6,7 @@ packed rows of 4096 tokens, random weights.
     python bench/bench_step.py --compile false --grad_sync every --fused_adamw false   # the switches, one by one
 
 A step is what train_sft / train_dpo run per optimizer step: sft_backward / dpo_backward over the step's
-micro-batches, then common.optimizer_step (clip, AdamW). The model is placed by common.place with the same flags as
+micro-batches, then run.optimizer_step (clip, AdamW). The model is placed by parallel.place with the same flags as
 the trainers (on a GPU: FSDP2 on one rank with bf16 parameters, per-block compile, fused AdamW, attention backend
 "auto"). Documents are Tulu-like (log-normal lengths, median 600 tokens), packed best-fit decreasing.
 
@@ -26,10 +26,12 @@ import time
 import torch
 
 
-from nanotulu import common, data
+from nanotulu import data, parallel, run
 from nanotulu.model import LLAMA_3_2_1B, LlamaConfig, build_model, num_flops_per_token, pick_backend
-from nanotulu.train_dpo import dpo_backward, pair_docs
-from nanotulu.train_sft import SFTConfig, sft_backward
+from nanotulu.algos.dpo import DPOParams, dpo_backward
+from nanotulu.algos.sft import sft_backward
+from nanotulu.flags import RunFlags, TrainFlags, on_cuda_by_default
+from nanotulu.pairs import pair_docs
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)
@@ -69,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, autotuning)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
-    for f in dataclasses.fields(common.RunFlags):  # the trainers' own speed flags, with their defaults
+    for f in dataclasses.fields(RunFlags):  # the trainers' own speed flags, with their defaults
         if f.name in ("compile", "grad_sync", "fused_adamw", "attn_backend", "loss_impl", "precision",
                       "activation_checkpointing"):
             p.add_argument(f"--{f.name}", type=str, default=str(f.default))
@@ -187,8 +189,8 @@ def profile_breakdown(step, device):
 
 def run_stage(stage, args, cfg, device, mesh, flags, use_bf16):
     model = build_model(cfg, device=device, dtype=torch.float32, seed=0, attn_backend=flags.attn_backend)
-    model = common.place(model, mesh, flags, use_bf16, seq_len=args.seq_len)
-    opt = common.make_optimizer(model, dataclasses.replace(flags, lr=1e-5), device)
+    model = parallel.place(model, mesh, flags, use_bf16, seq_len=args.seq_len)
+    opt = run.make_optimizer(model, dataclasses.replace(flags, lr=1e-5), device)
     mb = args.micro_batch_rows
     if stage == "sft":
         rows = sft_rows(args.rows, args.seq_len, cfg.vocab_size)
@@ -203,14 +205,15 @@ def run_stage(stage, args, cfg, device, mesh, flags, use_bf16):
         kw = dict(loss_type="dpo_norm", beta=5.0)
 
         def backward():
-            dpo_backward(model, micro, lambda m: ref[m["pair_ids"]], kw, flags.loss_impl, mesh, use_bf16)
+            dpo_backward(model, micro, lambda m: ref[m["pair_ids"]], DPOParams(**kw), flags.loss_impl, mesh,
+                         use_bf16)
     if len(rows) < args.rows:
         raise ValueError(f"only {len(rows)} rows could be packed, --rows {args.rows} asked")
 
     def step():
         backward()
         with torch.profiler.record_function("optimizer_step"):  # clip + AdamW, named for the breakdown
-            common.optimizer_step(model, opt, 1e-5, 1.0)
+            run.optimizer_step(model, opt, 1e-5, 1.0)
 
     for _ in range(args.warmup):
         step()
@@ -228,7 +231,7 @@ def run_stage(stage, args, cfg, device, mesh, flags, use_bf16):
     out = {"stage": stage, "step_ms": dt * 1e3, "tok/s": tokens / dt, "real_tok/s": real_all / dt,
            "trained_tok/s": real / dt, "peak_gib": peak_memory_gib(device), "rows": len(rows),
            "padding": 1 - real_all / tokens}
-    peak = common.peak_flops(device)
+    peak = run.peak_flops(device)
     out["mfu"] = num_flops_per_token(cfg, args.seq_len) * tokens / dt / peak if peak else None
     if not args.no_profile:
         out["profile"] = profile_breakdown(step, device)
@@ -257,18 +260,18 @@ def print_stage(r, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = common.init_distributed()
+    rank, world, device = run.init_distributed()
     cfg = TINY if args.cpu_smoke else LLAMA_3_2_1B
-    flags = SFTConfig(**{k: getattr(args, k) for k in ("compile", "grad_sync", "fused_adamw", "attn_backend",
-                                                      "loss_impl", "precision")},
-                      activation_checkpointing=args.activation_checkpointing.lower() in ("1", "true", "yes", "on"))
+    flags = TrainFlags(**{k: getattr(args, k) for k in ("compile", "grad_sync", "fused_adamw", "attn_backend",
+                                                       "loss_impl", "precision")},
+                       activation_checkpointing=args.activation_checkpointing.lower() in ("1", "true", "yes", "on"))
     use_bf16 = flags.precision == "bf16" or (flags.precision == "auto" and device.type == "cuda")
-    mesh = common.make_mesh(flags, world, device)
-    print(f"device: {common.device_name()} | world {world} | model {'tiny' if args.cpu_smoke else 'Llama-3.2-1B'} "
+    mesh = parallel.make_mesh(flags, world, device)
+    print(f"device: {run.device_name()} | world {world} | model {'tiny' if args.cpu_smoke else 'Llama-3.2-1B'} "
           f"| {args.rows} rows x {args.seq_len} tokens, micro-batches of {args.micro_batch_rows} row(s)")
     print(f"attention {pick_backend(flags.attn_backend, device)} | compile "
-          f"{common.on_cuda_by_default(flags.compile, 'compile', device)} | grad_sync {flags.grad_sync} | fused AdamW "
-          f"{common.on_cuda_by_default(flags.fused_adamw, 'fused_adamw', device)} | bf16 {use_bf16} "
+          f"{on_cuda_by_default(flags.compile, 'compile', device)} | grad_sync {flags.grad_sync} | fused AdamW "
+          f"{on_cuda_by_default(flags.fused_adamw, 'fused_adamw', device)} | bf16 {use_bf16} "
           f"({'FSDP policy' if mesh is not None else 'autocast'}) | loss {flags.loss_impl}")
     results = []
     for stage in args.stages:
@@ -276,7 +279,7 @@ def main(argv=None):
         if rank == 0:
             print_stage(r, device)
         results.append(r)
-    common.finish_distributed()
+    run.finish_distributed()
     return results
 
 

@@ -425,7 +425,7 @@ def main(argv=None):
     p.add_argument("--examples", type=int, default=5, help="example matches per eval file in the report")
     args = p.parse_args(argv)
     try:
-        from nanotulu.common import check_output_path
+        from nanotulu.run import check_output_path
 
         check_output_path(args.out, "--out", folder=True)
         report = decontaminate(args.train, args.eval, args.out, args.ngram, args.threshold, args.eval_field,

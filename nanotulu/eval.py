@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from nanotulu.generate import gathered, generate
+from nanotulu.generate import generate
+from nanotulu.parallel import gathered
 
 
 def _dataset_name(dataset):
@@ -193,7 +194,7 @@ def main(argv=None):
     # everything a user can get wrong is checked before the model is loaded
     import numpy as np
 
-    from nanotulu.common import check_output_path
+    from nanotulu.run import check_output_path
     from nanotulu.data import load_tokenizer, parse_mix, resolve_template, select_rows
     from nanotulu.model import Llama
     from nanotulu.rewards import load_rlvr_rows
@@ -228,9 +229,9 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
     rank, distributed = 0, args.tp > 1 or "RANK" in os.environ
     if distributed:  # torchrun: every rank evaluates its share of the rows
-        from nanotulu import common, parallel
+        from nanotulu import parallel, run
 
-        rank, world, device = common.init_distributed()
+        rank, world, device = run.init_distributed()
         try:
             mesh = parallel.build_mesh(world, -1, args.tp, device)
         except ValueError as e:
@@ -253,7 +254,7 @@ def main(argv=None):
             json.dump(results, f, indent=2)
         print(f"wrote {args.out}")
     if distributed:
-        from nanotulu.common import finish_distributed
+        from nanotulu.run import finish_distributed
         finish_distributed()
     return results
 

@@ -23,20 +23,16 @@ filtering. This is the raw policy at the sampling temperature, what RLVR compare
 recomputed log-probs (open-instruct divides logits by the same temperature). Greedy decoding (greedy=True) uses
 the given temperature for the log-probs too; temperature=0 means greedy with log-probs at temperature 1.
 
-FSDP2: a model sharded with `torch.distributed.fsdp.fully_shard` is detected with isinstance(FSDPModule). Every
-FSDP module is unsharded ONCE (an all-gather; all ranks must call generate together), a plain Llama on the meta
-device is given those gathered tensors by reference (no copy), generation runs on it with no FSDP hooks and no
-collective per step (so ranks may stop at different steps), and the model is resharded afterwards. Tensor parallel:
-the unsharded parameters are still split over the TP group (DTensors); each is all-gathered into a full copy for the
-call (the gathered weights must fit on one device), so TP ranks decode with full weights too.
+FSDP2 / tensor parallel: generate runs inside parallel.gathered(model): the sharded weights are gathered ONCE (an
+all-gather; all ranks must call generate together) into a plain Llama, generation runs on it with no FSDP hooks and
+no collective per step (so ranks may stop at different steps), and the model is resharded afterwards.
 """
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from nanotulu.model import Llama
+from nanotulu.parallel import gathered
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,51 +94,6 @@ def decode_step(model, state, sampling):
     take_token(state, logits, sampling)
     slot.add_(1)
     state["position"].add_(1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FSDP2
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """Yields a model with full, local weights. A plain model is yielded as is. An FSDP2 model is unsharded once
-    (collective: every rank must enter) and a hook-free Llama sharing the gathered tensors is yielded; the model is
-    resharded on exit. Under tensor parallel the unsharded parameters are still DTensors split over the TP group:
-    each is all-gathered into a full copy (collective over the TP group, in parameter order on every rank), so
-    every rank decodes with full weights and no collective per step."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        FSDPModule = ()
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
-    if not fsdp_modules and not any(_is_dtensor(p) for p in model.parameters()):
-        yield model
-        return
-    for m in fsdp_modules:
-        m.unshard()  # after this, the parameters are the gathered tensors (DTensors on the TP mesh under TP)
-    try:
-        with torch.device("meta"):
-            plain = Llama(model.cfg, model.attn_backend)
-        tensors = {}
-        for name, p in model.named_parameters():
-            for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):  # activation checkpointing, compile
-                name = name.replace(wrapper, "")
-            # TP: full_tensor() all-gathers the shards (a copy, freed on exit); otherwise by reference, no copy
-            tensors[name] = (p.full_tensor() if _is_dtensor(p) else p).detach()
-        plain.load_state_dict(tensors, strict=False, assign=True)
-        plain.inv_freq = model.inv_freq  # non-persistent buffers are not in state dicts
-        missing = [n for n, p in plain.named_parameters() if p.is_meta]
-        if missing:
-            raise RuntimeError(f"FSDP model lacks parameters {missing[:3]} after unshard")
-        yield plain
-    finally:
-        for m in fsdp_modules:
-            m.reshard()
-
-
-def _is_dtensor(t):
-    return type(t).__name__ == "DTensor"
 
 
 # ----------------------------------------------------------------------------------------------------------------

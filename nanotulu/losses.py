@@ -1,50 +1,62 @@
-"""Loss heads: what the trainers hand to `Llama.forward(head=...)` so the fused kernels see the final hidden states
-and the output weight (gathered by FSDP for the call) and the (tokens x vocab) logits never exist."""
+"""Loss heads: what the algorithms hand to `Llama.forward(head=...)` so the fused kernels see the final hidden
+states and the output weight (gathered by FSDP for the call) and the (tokens x vocab) logits never exist.
+
+One contract for every implementation: loss_head(...) gives head(hidden, weight) -> (loss, logp, entropy). The
+choice of kernel (the --loss_impl flag) is made here and nowhere else:
+- "auto" / "fused": the chunked kernel (kernels/chunked_loss.py) forms loss_fn's loss AND its gradient in the
+  forward pass, chunk by chunk (6NHV; "fused": its Triton row kernels even on CPU, interpreted);
+- "triton" / "torch": the tile kernels (kernels/linear_logprobs.py, 8NHV) give per-token log-probs with their
+  backward, and loss_fn is applied to all tokens at once.
+Without a loss_fn (no-grad reference / old-policy passes) the tile kernels give the log-probs. Under tensor parallel
+the weight is this rank's vocab shard and the kernels combine the shards."""
 
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
-def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
-    """A `head` for Llama.forward: fused per-token loss from hidden (B, T, H) and the output weight (V, H).
-    fn: "cross_entropy_sum" (a scalar), "logprobs" ((B*T,) log-probs, 8NHV with their backward), or "fused":
-    kw are kernels.fused_linear_loss's loss_fn / cuts / return_entropy, the head returns (loss, logp, entropy)
-    with the gradient formed in the forward pass (6NHV). impl "auto" and "fused" take the fused path for
-    "cross_entropy_sum" too ("fused": Triton row kernels even on CPU, interpreted); "triton" / "torch" the 8NHV
-    kernels. Under tensor parallel the weight is a vocab shard and the kernels combine the shards."""
+def loss_head(targets, impl="auto", tp_group=None, loss_fn=None, cuts=None, entropy=False, temperature=1.0):
+    """A `head` for Llama.forward: hidden (B, T, H) and the output weight (V, H) -> (loss, logp, entropy).
+    targets (B, T) with -100 where nothing is trained (log-prob 0 there).
+    loss_fn(logp, entropy, s, e) -> scalar: the loss of tokens [s, e) from their fp32 log-probs (and entropies, or
+    None); the head's loss is its sum over the chunks (None without loss_fn) and carries the gradient. cuts: host
+    token offsets where a chunk may end (a term spanning several tokens, e.g. a DPO pair, stays in one chunk).
+    logp (B*T,) fp32, detached when loss_fn is given; entropy (B*T,) of the distribution or None (asked with
+    entropy=True; not available from the tile kernels under tensor parallel). temperature: logits / T."""
     from nanotulu.kernels import chunked_loss, linear_logprobs as tiles
 
-    fused = fn == "fused" or (fn == "cross_entropy_sum" and impl in ("auto", "fused"))
+    if impl not in ("auto", "fused", "triton", "torch"):
+        raise ValueError(f"--loss_impl {impl!r}: expected auto, fused, triton or torch")
+    fused = loss_fn is not None and impl in ("auto", "fused")
     row_impl = "triton" if impl == "fused" else "auto"
-    if fn == "cross_entropy_sum" and fused:
-        kw = dict(loss_fn=lambda lp, en, s, e: -lp.sum())
 
     def head(hidden, weight):
+        if temperature != 1.0:
+            hidden = hidden / temperature  # logits / T == (hidden / T) @ W^T
+        t = targets.reshape(-1)
         if tp_group is not None:
-            from torch.distributed.tensor import DTensor
             # hidden: sequence-split DTensor (B, T/tp, H) per rank -> full (B, T, H) on every rank of the group (its
             # gradient comes back whole: the kernel sums dX over the group); weight: this rank's vocab rows
             hidden = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
-            local = weight.to_local() if isinstance(weight, DTensor) else weight
-            h = hidden.reshape(-1, hidden.shape[-1]).to(local.dtype)
-            start = local.shape[0] * dist.get_rank(tp_group)
-            if fused:
-                out = chunked_loss.fused_linear_loss(h, local, targets.reshape(-1), row_impl=row_impl, vocab_start=start,
-                                                tp_group=tp_group, **kw)
-                return out[0] if fn == "cross_entropy_sum" else out
-            logps = tiles.vocab_parallel_linear_logprobs(h, local, targets.reshape(-1), start, tp_group,
-                                                           impl=impl)
-            if fn == "logprobs":
-                return logps
-            return -logps.sum()
+            weight = weight.to_local() if isinstance(weight, DTensor) else weight
+            tp = dict(vocab_start=weight.shape[0] * dist.get_rank(tp_group), tp_group=tp_group)
+        else:
+            tp = {}
         h = hidden.reshape(-1, hidden.shape[-1])
         if h.dtype != weight.dtype:
             h = h.to(weight.dtype)
         if fused:
-            out = chunked_loss.fused_linear_loss(h, weight, targets.reshape(-1), row_impl=row_impl, **kw)
-            return out[0] if fn == "cross_entropy_sum" else out
-        if fn == "cross_entropy_sum":
-            return tiles.linear_cross_entropy(h, weight, targets.reshape(-1), reduction="sum", impl=impl)
-        return tiles.linear_logprobs(h, weight, targets.reshape(-1), impl=impl, **kw)
+            return chunked_loss.fused_linear_loss(h, weight, t, loss_fn, row_impl=row_impl, cuts=cuts,
+                                                  return_entropy=entropy, **tp)
+        if tp:
+            logp, ent = tiles.vocab_parallel_linear_logprobs(h, weight, t, tp["vocab_start"], tp_group, impl=impl), None
+        elif entropy:
+            logp, ent = tiles.linear_logprobs(h, weight, t, impl=impl, return_entropy=True)
+        else:
+            logp, ent = tiles.linear_logprobs(h, weight, t, impl=impl), None
+        if loss_fn is None:
+            return None, logp, ent
+        loss = loss_fn(logp, ent, 0, t.numel())
+        return loss, logp.detach(), None if ent is None else ent.detach()
 
     return head
 
@@ -55,7 +67,6 @@ def score_head(tp_group=None):
     weight is not split)."""
     def head(hidden, score_weight):
         if tp_group is not None:
-            from torch.distributed.tensor import DTensor
             hidden = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
             score_weight = score_weight.full_tensor() if isinstance(score_weight, DTensor) else score_weight
         return (hidden.reshape(-1, hidden.shape[-1]) @ score_weight.to(hidden.dtype).T).squeeze(-1)

@@ -21,13 +21,19 @@ weights that way).
 
 Under TP, every rank of a TP group sees the same rows (the loader splits rows by the dp coordinate only) and the
 sequence length of every forward must divide by tp (sequence parallel splits it).
+
+The rest of the library reaches FSDP and DTensors only through this file (place, grad_sync_on_last, precision,
+the dp / tp groups and reductions, clip_grad_norm, gathered for generation); checkpoint.py (DCP) and losses.py
+(vocab-parallel weights) are the two other files that see them (tests/test_architecture.py checks it).
 """
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -165,3 +171,127 @@ def parallelize(model, mesh, bf16=False, compile=False, activation_checkpointing
         apply_compile(model)
     apply_fsdp(model, fsdp_mesh(mesh), bf16)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the trainers' steps need of the placement: the mesh from the flags, the placed model, gradient sync on the
+# last micro-batch, the bf16 mechanism, the dp / tp groups and their reductions, full weights for generation.
+
+
+def make_mesh(cfg, world, device):
+    """The (dp, tp) mesh (with --dp_replicate > 1: (dp_replicate, dp_shard, tp), HSDP), or None for one CPU process
+    (plain model, no wrappers). On a GPU FSDP2 is used even for one process: bf16 parameters in compute, fp32 master
+    weights. cfg: any object with the run flags dp_shard, dp_replicate, tp."""
+    if world > 1 or cfg.tp > 1 or device.type == "cuda":
+        return build_mesh(world, cfg.dp_shard, cfg.tp, device, dp_replicate=cfg.dp_replicate)
+    return None
+
+
+def place(model, mesh, cfg, use_bf16, seq_len=None):
+    """Applies tensor parallel / activation checkpointing / compile / FSDP2 from the flags (cfg.compile,
+    cfg.grad_sync, cfg.activation_checkpointing), and records the gradient-sync choice that grad_sync_on_last
+    reads."""
+    from nanotulu.flags import on_cuda_by_default
+
+    device = model.output_weight.device
+    compile_blocks = on_cuda_by_default(cfg.compile, "compile", device)
+    if cfg.grad_sync not in ("last", "every"):
+        raise ValueError(f"--grad_sync {cfg.grad_sync!r}: expected last or every")
+    if mesh is None:
+        if compile_blocks:
+            for block in model.model.layers.values():
+                block.compile()  # in place: state-dict names stay HF's (torch.compile(block) adds "_orig_mod.")
+        return model
+    model = parallelize(model, mesh, bf16=use_bf16, compile=compile_blocks,
+                        activation_checkpointing=cfg.activation_checkpointing, seq_len=seq_len)
+    model.grad_sync_every_micro_batch = cfg.grad_sync == "every"
+    return model
+
+
+def grad_sync_on_last(model, micro):
+    """Yields one step's micro-batches. Under FSDP the gradients are reduce-scattered (and all-reduced over HSDP
+    replicas) only in the last micro-batch's backward; the earlier ones accumulate unsharded gradients locally, at
+    the memory of one unsharded gradient copy. --grad_sync every reduces after each micro-batch instead."""
+    skip = isinstance(model, FSDPModule) and not getattr(model, "grad_sync_every_micro_batch", False)
+    for i, m in enumerate(micro):
+        if skip:
+            model.set_requires_gradient_sync(i == len(micro) - 1)
+        yield m
+
+
+def precision(model, use_bf16):
+    """The one bf16 mechanism of a forward: an FSDP2 model already computes with bf16 parameters (its
+    MixedPrecisionPolicy), so autocast on top would only add casts; a plain model gets autocast."""
+    device = model.output_weight.device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and not isinstance(model, FSDPModule))
+
+
+def dp_coords(mesh, rank, world):
+    """(rank within the data-parallel group, its size): the loader splits rows by these."""
+    if mesh is None:
+        return rank, world
+    return mesh["dp"].get_local_rank(), mesh["dp"].size()
+
+
+def dp_group(mesh):
+    return None if mesh is None else mesh["dp"].get_group()
+
+
+def tp_group(mesh):
+    return None if mesh is None or mesh["tp"].size() == 1 else mesh["tp"].get_group()
+
+
+def all_reduce_sum(x, group=None):
+    """Sum of a tensor over the ranks (identity in a single process); no host sync. x must be on the model's
+    device (NCCL reduces only CUDA tensors)."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def reduce_named(sums, group, device):
+    """Named per-rank sums {name: number or 0-d tensor} -> the same names summed over the ranks of `group`, with
+    one all-reduce (on `device`) for all of them."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in sums.values()])
+    return dict(zip(sums, all_reduce_sum(t, group)))
+
+
+def clip_grad_norm(model, max_norm):
+    """Clips in place; returns the total norm before clipping as a plain tensor (DTensor norms made full)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Yields a model with full, local weights (generation runs on it). A plain model is yielded as is. An FSDP2
+    model is unsharded once (collective: every rank must enter) and a hook-free Llama sharing the gathered tensors
+    is yielded; the model is resharded on exit. Under tensor parallel the unsharded parameters are still DTensors
+    split over the TP group: each is all-gathered into a full copy (collective over the TP group, in parameter
+    order on every rank), so every rank decodes with full weights and no collective per step."""
+    from nanotulu.model import Llama
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not fsdp_modules and not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield model
+        return
+    for m in fsdp_modules:
+        m.unshard()  # after this, the parameters are the gathered tensors (DTensors on the TP mesh under TP)
+    try:
+        with torch.device("meta"):
+            plain = Llama(model.cfg, model.attn_backend)
+        tensors = {}
+        for name, p in model.named_parameters():
+            for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):  # activation checkpointing, compile
+                name = name.replace(wrapper, "")
+            # TP: full_tensor() all-gathers the shards (a copy, freed on exit); otherwise by reference, no copy
+            tensors[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+        plain.load_state_dict(tensors, strict=False, assign=True)
+        plain.inv_freq = model.inv_freq  # non-persistent buffers are not in state dicts
+        missing = [n for n, p in plain.named_parameters() if p.is_meta]
+        if missing:
+            raise RuntimeError(f"FSDP model lacks parameters {missing[:3]} after unshard")
+        yield plain
+    finally:
+        for m in fsdp_modules:
+            m.reshard()

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from nanotulu import common, data, embedded, rewards, train_dpo, train_rlvr, train_sft
+from nanotulu import data, embedded, rewards, run, train_dpo, train_rlvr, train_sft
+from nanotulu.flags import resolve_flags
 from nanotulu.eval import EMBEDDED_MAX_NEW_TOKENS
 from nanotulu.model import Llama, build_model
 
@@ -93,7 +94,7 @@ def main(argv=None):
     p.add_argument("--output_dir", default="runs/pipeline", help="stage outputs and the summary (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="rerun every stage from scratch (default: off: a stage whose "
                    "final/ exists and was trained with the same flags is reused; one with other flags is refused)")
-    p.add_argument("--threads", type=int, default=common.EMBEDDED_THREADS, help="CPU threads; results depend on it "
+    p.add_argument("--threads", type=int, default=run.EMBEDDED_THREADS, help="CPU threads; results depend on it "
                    "(float sums split differently): README's table is for the default (default: %(default)s)")
     p.add_argument("--rl", default="grpo", choices=("grpo", "ppo", "both"), help="the RLVR stage: GRPO (stage "
                    "'rlvr'), PPO with a value model (stage 'ppo'), or both from the same DPO model (default: "
@@ -128,8 +129,8 @@ def main(argv=None):
         cls = {"sft": train_sft.SFTConfig, "dpo": train_dpo.DPOConfig}.get(stage, train_rlvr.RLVRConfig)
         variant = train_rlvr.variant_defaults if trainer is train_rlvr else None
         with open(saved) as f:
-            return not common.config_diff(json.load(f), dataclasses.asdict(
-                common.resolve_flags(cls, trainer.EMBEDDED_PRESET, flags, variant)))
+            return not run.config_diff(json.load(f), dataclasses.asdict(
+                resolve_flags(cls, trainer.EMBEDDED_PRESET, flags, variant)))
 
     timings = {}
     table = [("init", *held_out_accuracy(None, test_rows, eval_tokens))]
@@ -151,7 +152,7 @@ def main(argv=None):
                      + f" | {timings.get(stage, 0):.0f} |")
     total = time.perf_counter() - t0
     summary = "\n".join(lines) + f"\n\n{len(test_rows)} held-out prompts (rlvr_test.jsonl), greedy; " \
-                                 f"whole pipeline {total:.0f} s on {common.device_name()}.\n"
+                                 f"whole pipeline {total:.0f} s on {run.device_name()}.\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary)
@@ -160,7 +161,7 @@ def main(argv=None):
     except ImportError as e:
         png = f"not drawn: {e}"
     print("\n" + summary + f"curves: {png}")
-    common.finish_distributed()
+    run.finish_distributed()
     return table
 
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from nanotulu import common
+from nanotulu import run
 from nanotulu.kernels.chunked_loss import fused_linear_loss, plan_chunks
 from nanotulu.kernels.linear_logprobs import linear_cross_entropy, linear_logprobs
-from nanotulu.train_dpo import dpo_loss
-from nanotulu.train_rlvr import grpo_token_loss
+from nanotulu.algos.dpo import dpo_loss
+from nanotulu.algos.grpo import grpo_token_loss
 
 IGNORE = -100
 ROW_IMPLS = ["torch", "triton"]
@@ -279,4 +279,4 @@ def _tp_worker(rank, world, port, row_impl):
 
 @pytest.mark.parametrize("row_impl", ROW_IMPLS)
 def test_vocab_parallel_gloo(row_impl):
-    torch.multiprocessing.spawn(_tp_worker, args=(2, common.free_port(), row_impl), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_tp_worker, args=(2, run.free_port(), row_impl), nprocs=2, join=True)

@@ -10,8 +10,8 @@ import torch
 from nanotulu import data
 from nanotulu.data import stack_pair_rows
 from nanotulu.model import LlamaConfig, build_model
-from nanotulu.train_dpo import (dpo_backward, dpo_loss, load_or_compute_ref, load_pairs, pair_docs, pair_hashes,
-                                pair_logps, ref_cache_key, tokenize_pair)
+from nanotulu.algos.dpo import DPOParams, dpo_backward, dpo_loss, load_or_compute_ref, pair_logps, ref_cache_key
+from nanotulu.pairs import load_pairs, pair_docs, pair_hashes, tokenize_pair
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)
@@ -126,7 +126,7 @@ def test_dpo_step_fused_kernel_equals_plain_torch(impl, loss_type):
     kw = dict(loss_type=loss_type, beta=5.0 if loss_type != "ipo" else 0.5, label_smoothing=0.1)
     if loss_type == "ipo":
         kw["label_smoothing"] = 0.0
-    sums, n_pairs = dpo_backward(model, [batch], lambda m: ref[m["pair_ids"]], kw, impl=impl)
+    sums, n_pairs = dpo_backward(model, [batch], lambda m: ref[m["pair_ids"]], DPOParams(**kw), impl=impl)
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
@@ -148,17 +148,14 @@ def test_reference_cache_hit_miss_and_shift(tmp_path):
     hashes = pair_hashes(pairs)
     calls = []
 
-    class Cfg:
-        ref_cache_dir = str(tmp_path)
-
     def compute():
         calls.append(1)
         return torch.arange(2.0 * len(pairs)).view(-1, 2), None
 
     key = ref_cache_key("model-a", hashes, 2048, "dpo_norm", "tulu")
-    t1, path, hit = load_or_compute_ref(Cfg, key, hashes, compute, 0)
+    t1, path, hit = load_or_compute_ref(str(tmp_path), key, hashes, compute, 0, "cpu")
     assert not hit and len(calls) == 1
-    t2, path2, hit = load_or_compute_ref(Cfg, key, hashes, compute, 0)
+    t2, path2, hit = load_or_compute_ref(str(tmp_path), key, hashes, compute, 0, "cpu")
     assert hit and len(calls) == 1 and path2 == path and torch.equal(t1, t2)
     # any key part changes -> a different cache entry, recomputed
     for other in (ref_cache_key("model-b", hashes, 2048, "dpo_norm", "tulu"),
@@ -167,12 +164,12 @@ def test_reference_cache_hit_miss_and_shift(tmp_path):
                   ref_cache_key("model-a", hashes, 2048, "dpo_norm", "{{ messages }}"),
                   ref_cache_key("model-a", pair_hashes(pairs[1:] + pairs[:1]), 2048, "dpo_norm", "tulu")):
         assert other != key
-        load_or_compute_ref(Cfg, other, hashes, compute, 0)
+        load_or_compute_ref(str(tmp_path), other, hashes, compute, 0, "cpu")
     assert len(calls) == 6
     # a cache file whose pairs no longer line up is refused, not silently used
     shifted = torch.roll(hashes, 1)
     with pytest.raises(ValueError, match="shifted"):
-        load_or_compute_ref(Cfg, key, shifted, compute, 0)
+        load_or_compute_ref(str(tmp_path), key, shifted, compute, 0, "cpu")
 
 
 def test_bad_pairs(tmp_path):

@@ -12,7 +12,8 @@ import torch
 
 from nanotulu import data
 from nanotulu.model import LlamaConfig, build_model
-from nanotulu.train_dpo import file_fingerprint, pair_docs, pair_length
+from nanotulu.algos.dpo import DPOParams, file_fingerprint
+from nanotulu.pairs import pair_docs, pair_length
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)
@@ -111,12 +112,12 @@ def test_an_all_padding_row_adds_nothing():
     """A rank short of rows runs an all-padding row (no pair): the step's gradient is that of the real rows alone."""
     from test_dpo import make_pairs, packed_batch
 
-    from nanotulu.train_dpo import dpo_backward
+    from nanotulu.algos.dpo import dpo_backward
 
     tok, pairs = make_pairs(3)
     model = build_model(TINY, seed=2)
     ref = torch.randn(len(pairs), 2) * 5 - 60
-    kw = dict(loss_type="dpo_norm", beta=5.0)
+    kw = DPOParams(loss_type="dpo_norm", beta=5.0)
     batch = packed_batch(tok, pairs, capacity=384)
     dpo_backward(model, [batch], lambda m: ref[m["pair_ids"]], kw, impl="torch")
     want = {n: p.grad.clone() for n, p in model.named_parameters()}

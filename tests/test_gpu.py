@@ -57,9 +57,9 @@ def test_fsdp2_bf16_mixed_precision_sft_step_matches_fp32():
     place on a GPU) against the plain fp32 model: same loss and gradients within bf16 accuracy."""
     import torch.distributed as dist
 
-    from nanotulu import common, data, parallel
+    from nanotulu import data, parallel, run
     from nanotulu.model import LlamaConfig, build_model
-    from nanotulu.train_sft import sft_backward
+    from nanotulu.algos.sft import sft_backward
 
     cfg = LlamaConfig(vocab_size=264, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
@@ -71,7 +71,7 @@ def test_fsdp2_bf16_mixed_precision_sft_step_matches_fp32():
     loss32, _ = sft_backward(plain, [batch], impl="auto")
     grads32 = {n: p.grad.clone() for n, p in plain.named_parameters()}
 
-    rank, world, device = common.init_distributed()  # NCCL, one rank
+    rank, world, device = run.init_distributed()  # NCCL, one rank
     try:
         mesh = parallel.build_mesh(world, -1, 1, device)
         model = parallel.parallelize(build_model(cfg, device="cuda", seed=1), mesh, bf16=True, seq_len=256)

@@ -8,7 +8,8 @@ import torch
 
 from nanotulu import data, train_dpo, train_sft
 from nanotulu.model import Llama, LlamaConfig, build_model
-from nanotulu.train_dpo import dpo_loss, tokenize_pair
+from nanotulu.algos.dpo import dpo_loss
+from nanotulu.pairs import tokenize_pair
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=False)

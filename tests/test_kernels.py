@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanotulu import common
+from nanotulu import run
 from nanotulu.kernels.linear_logprobs import (
     linear_cross_entropy,
     linear_logprobs,
@@ -263,7 +263,7 @@ def _vocab_parallel_worker(rank, world, port, impl):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_vocab_parallel_gloo(impl):
-    torch.multiprocessing.spawn(_vocab_parallel_worker, args=(2, common.free_port(), impl), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_vocab_parallel_worker, args=(2, run.free_port(), impl), nprocs=2, join=True)
 
 
 def test_bench_script_cpu_smoke():

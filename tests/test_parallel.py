@@ -15,11 +15,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import Shard
 
-from nanotulu import checkpoint, common, data, parallel
+from nanotulu import checkpoint, data, parallel, run
 from nanotulu.model import LlamaConfig, build_model
 from nanotulu.data import stack_pair_rows, stack_rows
-from nanotulu.train_dpo import dpo_backward, pair_docs, pair_logps, tokenize_pair
-from nanotulu.train_sft import sft_backward
+from nanotulu.algos.dpo import DPOParams, dpo_backward, pair_logps
+from nanotulu.algos.sft import sft_backward
+from nanotulu.pairs import pair_docs, tokenize_pair
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False)
@@ -91,9 +92,9 @@ def _reference(cfg, s_rows, d_rows):
         pi0, _ = pair_logps(ref, whole, "torch")
     ref_table = pi0 + 0.5 * torch.randn(pi0.shape, generator=torch.Generator().manual_seed(0))
     kw = dict(loss_type="dpo_norm", beta=5.0)
-    ref_dpo, ref_pairs = dpo_backward(ref, [whole], lambda m: ref_table[m["pair_ids"]], kw, impl="torch")
+    ref_dpo, ref_pairs = dpo_backward(ref, [whole], lambda m: ref_table[m["pair_ids"]], DPOParams(**kw), impl="torch")
     ref_dpo_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    ref_norm = common.clip_grad_norm(ref, 1.0)
+    ref_norm = parallel.clip_grad_norm(ref, 1.0)
     torch.optim.SGD(ref.parameters(), lr=1.0).step()  # linear in the gradient (Adam would blow up 1e-7 noise on ~0 gradients)
     return dict(model=ref, sft_loss=ref_loss, sft_tokens=ref_tokens, sft_grads=ref_sft_grads, ref_table=ref_table,
                 dpo=ref_dpo, dpo_pairs=ref_pairs, dpo_grads=ref_dpo_grads, norm=ref_norm, kw=kw)
@@ -104,7 +105,7 @@ def _check_steps(rank, world, dp, tp, ac, cfg, s_rows, d_rows, r, out_dir):
     # --- the same steps on the mesh ----------------------------------------------------------------------------
     mesh = parallel.build_mesh(world, dp, tp, "cpu")
     model = parallel.parallelize(build_model(cfg, seed=1), mesh, activation_checkpointing=ac, seq_len=256)
-    dp_rank, dp_world = common.dp_coords(mesh, rank, world)
+    dp_rank, dp_world = parallel.dp_coords(mesh, rank, world)
     assert (dp_world, mesh["tp"].size()) == (dp, tp)
     if tp > 1:  # the output weight (the embedding when tied) is split over the vocabulary on the tp dim
         w = model.output_weight
@@ -112,19 +113,20 @@ def _check_steps(rank, world, dp, tp, ac, cfg, s_rows, d_rows, r, out_dir):
     mine = stack_rows(s_rows[dp_rank::dp_world], "cpu")  # the loader gives each dp rank its own rows
     # the mesh runs the default (chunked loss-fused, vocab-parallel under tp) path; the reference the 8NHV torch one
     loss, n_tokens = sft_backward(model, [mine], impl="auto", mesh=mesh)
-    loss = common.all_reduce_sum(loss, common.dp_group(mesh))
+    loss = parallel.all_reduce_sum(loss, parallel.dp_group(mesh))
     assert int(n_tokens) == int(r["sft_tokens"]), (n_tokens, r["sft_tokens"])
     torch.testing.assert_close(loss, r["sft_loss"], rtol=1e-5, atol=1e-5, msg="SFT loss")
     assert_grads_close(model, r["sft_grads"], "SFT")
     model.zero_grad(set_to_none=True)
 
     mine = stack_pair_rows(d_rows[dp_rank::dp_world], "cpu")
-    sums, n_pairs = dpo_backward(model, [mine], lambda m: ref_table[m["pair_ids"]], kw, impl="auto", mesh=mesh)
-    sums = common.all_reduce_sum(sums, common.dp_group(mesh))
+    sums, n_pairs = dpo_backward(model, [mine], lambda m: ref_table[m["pair_ids"]], DPOParams(**kw), impl="auto",
+                                 mesh=mesh)
+    sums = parallel.all_reduce_sum(sums, parallel.dp_group(mesh))
     assert int(n_pairs) == int(r["dpo_pairs"]) == len(d_rows)
     torch.testing.assert_close(sums, r["dpo"], rtol=1e-5, atol=1e-5, msg="DPO loss and metrics")
     assert_grads_close(model, r["dpo_grads"], "DPO")
-    norm = common.clip_grad_norm(model, 1.0)
+    norm = parallel.clip_grad_norm(model, 1.0)
     torch.testing.assert_close(norm, r["norm"], rtol=1e-5, atol=1e-6, msg="gradient norm")
     torch.optim.SGD(model.parameters(), lr=1.0).step()
 
@@ -145,7 +147,7 @@ def _check_steps(rank, world, dp, tp, ac, cfg, s_rows, d_rows, r, out_dir):
 @pytest.mark.parametrize("dp,tp,tied,ac", [(2, 1, True, False), (1, 2, True, False), (2, 2, False, True)],
                          ids=["dp2", "tp2", "dp2xtp2"])
 def test_sft_and_dpo_step_match_one_process(dp, tp, tied, ac, tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(dp * tp, common.free_port(), dp, tp, tied, ac, str(tmp_path)),
+    torch.multiprocessing.spawn(_worker, args=(dp * tp, run.free_port(), dp, tp, tied, ac, str(tmp_path)),
                                 nprocs=dp * tp, join=True)
 
 

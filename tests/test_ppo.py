@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanotulu import data
-from nanotulu.ppo import (advantages_and_returns, answer_segments, gae, policy_loss, token_rewards, value_loss,
+from nanotulu.algos.ppo import (advantages_and_returns, answer_segments, gae, policy_loss, token_rewards, value_loss,
                           whiten)
 
 

@@ -12,14 +12,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanotulu import common, data, parallel, ppo
+from nanotulu import data, parallel, run
 from nanotulu.model import Llama, LlamaConfig, build_model
-from nanotulu.train_rlvr import PPO_SUMS, RLVRConfig, ppo_backward, ppo_rows, ppo_update
+from nanotulu.algos import ppo
+from nanotulu.algos.ppo import PPO_SUMS, PPOParams, ppo_backward, ppo_rows, ppo_update
+from nanotulu.algos.rollout import UpdateSchedule
+from nanotulu.flags import pick
+
+
+@dataclasses.dataclass
+class RLParams(PPOParams, UpdateSchedule):
+    """This test's PPO settings in one place; each call takes its algorithm's dataclass of them (pick)."""
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
 CAPACITY = 128
-CFG = dataclasses.replace(RLVRConfig(), algo="ppo", num_samples=1, beta=0.05, temperature=1.3, clip_eps=0.2,
+CFG = dataclasses.replace(RLParams(), beta=0.05, temperature=1.3, clip_eps=0.2,
                           value_clip_eps=0.2, gamma=1.0, lam=0.95, num_epochs=2, num_mini_batches=1,
                           micro_batch_rows=1, max_grad_norm=0.0, loss_impl="torch", steps=1, lr=0.3,
                           lr_schedule="constant")
@@ -54,10 +62,11 @@ def test_ppo_rows_and_step_equal_plain_torch(impl):
     tok = data.load_tokenizer("byte")
     policy, ref, value = models()
     prompts, outs, rew = rollouts(tok, ANSWERS)
-    rows = ppo_rows(policy, ref, value, prompts, outs, rew, cfg, CAPACITY, tok.pad_token_id, torch.device("cpu"),
+    rows = ppo_rows(policy, ref, value, prompts, outs, rew, pick(PPOParams, cfg), CAPACITY, tok.pad_token_id,
+                    torch.device("cpu"),
                     False, None)
     micro = data.micro_batches(rows, 1, "cpu", per_position=("adv", "ret", "old_logp", "old_value", "ref_logp"))
-    sums, n_tok = ppo_backward(policy, value, micro, cfg, impl)
+    sums, n_tok = ppo_backward(policy, value, micro, pick(PPOParams, cfg))
     got = {("p", n): p.grad.clone() for n, p in policy.named_parameters()}
     got.update({("v", n): p.grad.clone() for n, p in value.named_parameters()})
     policy.zero_grad(), value.zero_grad()
@@ -108,9 +117,10 @@ def ppo_step(policy, ref, value, answers, cfg, mesh):
                 for tag, m in (("policy", policy), ("value", value)) for n, p in m.named_parameters()}
 
     before = full()
-    rows = ppo_rows(policy, ref, value, prompts, outs, rew, cfg, CAPACITY, tok.pad_token_id, device, False, mesh)
-    sums, _, _ = ppo_update(policy, value, opt, rows, cfg, 0, mesh, device, False)
-    return common.all_reduce_sum(sums, common.dp_group(mesh)), {n: p - before[n] for n, p in full().items()}
+    hp = pick(PPOParams, cfg)
+    rows = ppo_rows(policy, ref, value, prompts, outs, rew, hp, CAPACITY, tok.pad_token_id, device, False, mesh)
+    sums, _, _ = ppo_update(policy, value, opt, rows, hp, pick(UpdateSchedule, cfg), 0, mesh, device, False)
+    return parallel.all_reduce_sum(sums, parallel.dp_group(mesh)), {n: p - before[n] for n, p in full().items()}
 
 
 def _worker(rank, world, port):
@@ -133,7 +143,7 @@ def _worker(rank, world, port):
 
 
 def test_ppo_step_on_two_ranks_equals_one_process():
-    torch.multiprocessing.spawn(_worker, args=(2, common.free_port()), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(2, run.free_port()), nprocs=2, join=True)
 
 
 def test_killed_ppo_run_resumes_to_the_same_metrics(tmp_path):

@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from nanotulu import common
+from nanotulu import run
 
 ROWS = [{"loss": 2.5, "lr": 1e-4, "tok/s": 100.0}, {"loss": 2.0, "lr": 2e-4, "tok/s": 110.0},
         {"loss": 1.5, "lr": 1e-4, "tok/s": 120.0, "note": "text is JSONL only"}]
 
 
 def log_rows(out_dir, report_to):
-    m = common.Metrics(os.path.join(out_dir, "metrics.jsonl"), len(ROWS), 0, desc="t", report_to=report_to,
+    m = run.Metrics(os.path.join(out_dir, "metrics.jsonl"), len(ROWS), 0, desc="t", report_to=report_to,
                        config={"lr": 1e-4})
     for step, row in enumerate(ROWS, start=1):
         m.log(step, row)
@@ -88,11 +88,11 @@ def test_wandb_offline(tmp_path, monkeypatch):
 
 def test_unknown_or_missing_logger(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--report_to 'jsonl,mlflow': unknown logger 'mlflow'"):
-        common.open_reporters("jsonl,mlflow", None)
+        run.open_reporters("jsonl,mlflow", None)
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: import raises ImportError
     with pytest.raises(ImportError, match=r"--report_to wandb: the wandb package is not installed \(pip install "
                                           r"'nanotulu\[wandb\]'\)"):
-        common.open_reporters("wandb", None)
+        run.open_reporters("wandb", None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match=r"nanotulu\[tensorboard\]"):
-        common.open_reporters("jsonl,tensorboard", None)
+        run.open_reporters("jsonl,tensorboard", None)

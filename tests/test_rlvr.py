@@ -9,8 +9,9 @@ import torch
 from nanotulu import data
 from nanotulu.model import LlamaConfig, build_model
 from nanotulu.data import stack_rows as stack
-from nanotulu.train_rlvr import (K3_LIMIT, PromptSampler, group_advantages, grpo_backward, grpo_token_loss, kl_estimate,
-                                 rollout_rows)
+from nanotulu.algos.grpo import (K3_LIMIT, GRPOParams, group_advantages, grpo_backward, grpo_token_loss,
+                                 kl_estimate)
+from nanotulu.algos.rollout import PromptSampler, rollout_rows
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True)
@@ -112,11 +113,9 @@ def test_grpo_step_fused_kernel_equals_plain_torch(impl, kl):
         r["old_logp"] = -torch.rand(384) * 4
         r["ref_logp"] = -torch.rand(384) * 4
 
-    class Cfg:
-        temperature, clip_eps, beta, kl_estimator = T, 0.2, 0.05, kl
-
     micro = [stack([r], "cpu", ("adv", "old_logp", "ref_logp")) for r in rows]
-    sums, n_tok = grpo_backward(model, micro, Cfg, impl=impl)
+    sums, n_tok = grpo_backward(model, micro, GRPOParams(temperature=T, clip_eps=0.2, beta=0.05,
+                                                                 kl_estimator=kl, loss_impl=impl))
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
@@ -238,12 +237,12 @@ def test_rollout_compiled_cuda_graph_equals_eager_on_gpu():
     import dataclasses
     from types import SimpleNamespace
 
-    from nanotulu.train_rlvr import RLVRConfig, rollout
+    from nanotulu.algos.rollout import RolloutParams, rollout
 
     model = build_model(TINY, device="cuda", seed=3)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     tok = SimpleNamespace(eos_token_id=-1)
-    cfg = RLVRConfig(num_samples=4, max_prompt_len=16, max_new_tokens=12, temperature=1.0)
+    cfg = RolloutParams(num_samples=4, max_prompt_len=16, max_new_tokens=12, temperature=1.0)
     for step in range(2):
         got = rollout(model, prompts, cfg, tok, torch.Generator(device="cuda").manual_seed(step), None)[1]
         eager = rollout(model, prompts, dataclasses.replace(cfg, compiled_decode=False), tok,

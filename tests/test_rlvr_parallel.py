@@ -14,10 +14,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanotulu import common, data, parallel
+from nanotulu import data, parallel, run
 from nanotulu.model import LlamaConfig, build_model
 from nanotulu.generate import generate
-from nanotulu.train_rlvr import GRPO_SUMS, RLVRConfig, build_rows, group_advantages, rollout, update
+from nanotulu.algos.grpo import GRPO_SUMS, GRPOParams, build_rows, group_advantages, update
+from nanotulu.algos.rollout import RolloutParams, UpdateSchedule, rollout
+from nanotulu.flags import pick
+
+
+@dataclasses.dataclass
+class RLParams(GRPOParams, UpdateSchedule, RolloutParams):
+    """This test's RLVR settings in one place; each call takes its algorithm's dataclass of them (pick)."""
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
@@ -62,13 +69,14 @@ def grpo_step(model, ref_model, groups, cfg, mesh):
     prompts, outs, rew = rollouts(tok, groups)
     adv, _ = group_advantages(rew, N)
     device = torch.device("cpu")
-    rows = build_rows(model, ref_model, prompts, outs, adv, list(range(len(outs))), cfg, CAPACITY, tok.pad_token_id,
-                      device, False, common.tp_group(mesh))
-    sums, _, _ = update(model, opt, rows, cfg, 0, mesh, device, False)
-    return common.all_reduce_sum(sums, common.dp_group(mesh)), opt.grads, len(rows)
+    hp = pick(GRPOParams, cfg)
+    rows = build_rows(model, ref_model, prompts, outs, adv, list(range(len(outs))), hp, CAPACITY, tok.pad_token_id,
+                      device, False, parallel.tp_group(mesh))
+    sums, _, _ = update(model, opt, rows, hp, pick(UpdateSchedule, cfg), 0, mesh, device, False)
+    return parallel.all_reduce_sum(sums, parallel.dp_group(mesh)), opt.grads, len(rows)
 
 
-CFG = dataclasses.replace(RLVRConfig(), num_samples=N, beta=0.05, kl_estimator="k3", temperature=1.3, clip_eps=0.2,
+CFG = dataclasses.replace(RLParams(), num_samples=N, beta=0.05, kl_estimator="k3", temperature=1.3, clip_eps=0.2,
                           num_epochs=2, num_mini_batches=1, micro_batch_rows=1, max_grad_norm=0.0, loss_impl="torch",
                           steps=1, lr=0.3, lr_schedule="constant")
 
@@ -83,13 +91,13 @@ def _worker(rank, world, port, dp, tp, ac):
         mesh = parallel.build_mesh(world, dp, tp, "cpu")
         model = parallel.parallelize(build_model(TINY, seed=1), mesh, activation_checkpointing=ac, seq_len=CAPACITY)
         ref_model = parallel.parallelize(build_model(TINY, seed=2), mesh, seq_len=CAPACITY)
-        dp_rank = common.dp_coords(mesh, rank, world)[0]
+        dp_rank = parallel.dp_coords(mesh, rank, world)[0]
         # rollout phase: greedy answers (so the split over TP ranks cannot change them) of 3 prompts (an uneven
         # split), gathered in group order, equal the one-process generation on every rank
         prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
         want = generate(build_model(TINY, seed=1), prompts, num_samples=N, max_new_tokens=5, eos_token_id=-1,
                         greedy=True)
-        group_prompts, outs = rollout(model, prompts, dataclasses.replace(CFG, temperature=0.0, max_new_tokens=5),
+        group_prompts, outs = rollout(model, prompts, pick(RolloutParams, CFG, temperature=0.0, max_new_tokens=5),
                                       SimpleNamespace(eos_token_id=-1), torch.Generator().manual_seed(rank), mesh)
         assert group_prompts == [p for p in prompts for _ in range(N)]
         assert [o["tokens"] for o in outs] == [o["tokens"] for o in want]
@@ -112,7 +120,7 @@ def _worker(rank, world, port, dp, tp, ac):
 
 @pytest.mark.parametrize("dp,tp,ac", [(2, 1, False), (1, 2, False), (2, 2, True)], ids=["dp2", "tp2", "dp2xtp2"])
 def test_grpo_step_on_a_mesh_equals_one_process(dp, tp, ac):
-    torch.multiprocessing.spawn(_worker, args=(dp * tp, common.free_port(), dp, tp, ac), nprocs=dp * tp, join=True)
+    torch.multiprocessing.spawn(_worker, args=(dp * tp, run.free_port(), dp, tp, ac), nprocs=dp * tp, join=True)
 
 
 # ---- a torchrun RLVR run on 2 processes, killed and resumed ------------------------------------------------------

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from nanotulu import data
 from nanotulu.data import stack_pair_rows
 from nanotulu.model import Llama, LlamaConfig, build_model
-from nanotulu.train_dpo import load_pairs, pair_docs
-from nanotulu.train_rm import RM_SUMS, pair_rewards, rm_backward
+from nanotulu.algos.rm import RM_SUMS, pair_rewards, rm_backward
+from nanotulu.pairs import load_pairs, pair_docs
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=False)

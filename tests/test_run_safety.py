@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from nanotulu import common, data, eval as nt_eval, rewards, train_dpo, train_rlvr, train_sft
+from nanotulu import data, eval as nt_eval, rewards, run, train_dpo, train_rlvr, train_sft
 from nanotulu.model import LlamaConfig, build_model
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -171,7 +171,7 @@ def test_resume_keeps_one_metrics_row_per_step_and_refuses_other_flags(tmp_path)
 def test_truncate_jsonl_keeps_rows_up_to_the_step(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 2}\n{"ste')  # a killed writer's last line
-    common.truncate_jsonl(str(path), 2)
+    run.truncate_jsonl(str(path), 2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 2}\n'
 
 
@@ -185,17 +185,17 @@ def test_a_second_run_in_a_locked_directory_fails_and_a_dead_holder_leaves_no_lo
         assert holder.stdout.readline().strip() == "locked"
         cfg = train_sft.SFTConfig(output_dir=str(out))
         with pytest.raises(ValueError, match=r"another run is using it \(pid 1234 on elsewhere\)"):
-            common.open_run_dir(cfg, rank=0)
+            run.open_run_dir(cfg, rank=0)
     finally:
         holder.kill()
         holder.wait()
-    common.open_run_dir(cfg, rank=0)  # the OS dropped the dead process's lock
+    run.open_run_dir(cfg, rank=0)  # the OS dropped the dead process's lock
     try:
         with open(out / ".lock") as f:  # and this process holds it now
             with pytest.raises(OSError):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
-        common.release_run_dir(str(out))
+        run.release_run_dir(str(out))
 
 
 # ---- 3. --help, flag spelling, embedded assets, data mixes, optional dependencies ----------------------------------

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from nanotulu import data
 from nanotulu.model import LlamaConfig, build_model
 from nanotulu.data import stack_rows
-from nanotulu.train_sft import sft_backward
+from nanotulu.algos.sft import sft_backward
 
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=False)

@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import Replicate, Shard
 
-from nanotulu import common, data, parallel
+from nanotulu import data, parallel, run
 from nanotulu.model import LlamaConfig, build_model
-from nanotulu.train_dpo import load_or_compute_ref
-from nanotulu.train_sft import SFTConfig, sft_backward
+from nanotulu.algos.dpo import load_or_compute_ref
+from nanotulu.algos.sft import sft_backward
+from nanotulu.flags import TrainFlags, on_cuda_by_default
 
 TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=False)
@@ -47,14 +48,14 @@ def assert_grads_close(got, want, what, rtol=1e-5):
 
 def test_flags_on_cuda_by_default():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert common.on_cuda_by_default("auto", "compile", cuda) and not common.on_cuda_by_default("auto", "compile", cpu)
-    assert common.on_cuda_by_default("true", "compile", cpu) and not common.on_cuda_by_default("false", "x", cuda)
+    assert on_cuda_by_default("auto", "compile", cuda) and not on_cuda_by_default("auto", "compile", cpu)
+    assert on_cuda_by_default("true", "compile", cpu) and not on_cuda_by_default("false", "x", cuda)
     with pytest.raises(ValueError, match="--fused_adamw 'maybe': expected auto, true or false"):
-        common.on_cuda_by_default("maybe", "fused_adamw", cpu)
-    flags = SFTConfig()
+        on_cuda_by_default("maybe", "fused_adamw", cpu)
+    flags = TrainFlags()
     assert (flags.compile, flags.fused_adamw, flags.grad_sync, flags.dp_replicate) == ("auto", "auto", "last", 1)
     with pytest.raises(ValueError, match="--grad_sync 'sometimes'"):
-        common.place(build_model(TINY), None, replace(flags, grad_sync="sometimes"), False)
+        parallel.place(build_model(TINY), None, replace(flags, grad_sync="sometimes"), False)
 
 
 def test_compiled_blocks_equal_eager(monkeypatch):
@@ -72,7 +73,7 @@ def test_compiled_blocks_equal_eager(monkeypatch):
     batch = data.stack_rows(packed_rows(2), "cpu")
     eager = build_model(cfg, seed=1)
     loss_e, _ = sft_backward(eager, [batch], impl="torch")
-    model = common.place(build_model(cfg, seed=1), None, SFTConfig(compile="true"), False)
+    model = parallel.place(build_model(cfg, seed=1), None, TrainFlags(compile="true"), False)
     assert all(b._compiled_call_impl is not None for b in model.model.layers.values())
     assert list(model.state_dict()) == list(eager.state_dict())
     loss_c, _ = sft_backward(model, [batch], impl="torch")
@@ -80,7 +81,7 @@ def test_compiled_blocks_equal_eager(monkeypatch):
     assert_grads_close(grads(model), grads(eager), "compiled block", rtol=1e-6)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     # auto on CPU: not compiled
-    plain = common.place(build_model(cfg, seed=1), None, SFTConfig(), False)
+    plain = parallel.place(build_model(cfg, seed=1), None, TrainFlags(), False)
     assert all(b._compiled_call_impl is None for b in plain.model.layers.values())
 
 
@@ -88,7 +89,7 @@ def test_fused_adamw_equals_foreach():
     models, opts = [], []
     for fused in ("true", "false"):
         m = build_model(TINY, seed=2)
-        opt = common.make_optimizer(m, replace(SFTConfig(), fused_adamw=fused, lr=1e-2), torch.device("cpu"))
+        opt = run.make_optimizer(m, replace(TrainFlags(), fused_adamw=fused, lr=1e-2), torch.device("cpu"))
         assert opt.defaults["fused"] is (fused == "true")
         models.append(m)
         opts.append(opt)
@@ -106,9 +107,9 @@ def test_fused_adamw_equals_foreach():
 
 def test_precision_autocast_only_without_fsdp():
     m = build_model(TINY)
-    with common.precision(m, True):
+    with parallel.precision(m, True):
         assert torch.is_autocast_enabled("cpu")
-    with common.precision(m, False):
+    with parallel.precision(m, False):
         assert not torch.is_autocast_enabled("cpu")
     # (an FSDP model: in _fsdp_worker)
 
@@ -126,25 +127,25 @@ def _fsdp_worker(rank, world, port, dp_replicate):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         mesh = parallel.build_mesh(world, -1, 1, "cpu", dp_replicate=dp_replicate)
-        dp_rank, dp_world = common.dp_coords(mesh, rank, world)
+        dp_rank, dp_world = parallel.dp_coords(mesh, rank, world)
         assert dp_world == world
         mine = rows[dp_rank::dp_world]  # the loader's split; two micro-batches per rank
         micro = data.micro_batches(mine, len(mine) // 2, "cpu")
         got = {}
         for sync in ("every", "last"):
-            flags = replace(SFTConfig(), grad_sync=sync, dp_replicate=dp_replicate)
-            model = common.place(build_model(TINY, seed=4), mesh, flags, use_bf16=False)
+            flags = replace(TrainFlags(), grad_sync=sync, dp_replicate=dp_replicate)
+            model = parallel.place(build_model(TINY, seed=4), mesh, flags, use_bf16=False)
             p0 = next(iter(model.parameters()))
             if dp_replicate > 1:  # HSDP: replicated over dp_replicate, sharded over dp_shard
                 assert p0.device_mesh.mesh_dim_names == ("dp_replicate", "dp_shard")
                 assert p0.placements == (Replicate(), Shard(0)), p0.placements
-            with common.precision(model, True):  # an FSDP model computes in its policy's dtype: no autocast
+            with parallel.precision(model, True):  # an FSDP model computes in its policy's dtype: no autocast
                 assert not torch.is_autocast_enabled("cpu")
             # after the first micro-batch's backward, "last" has reduced nothing (no sharded .grad yet)
-            it = common.grad_sync_on_last(model, micro)
+            it = parallel.grad_sync_on_last(model, micro)
             first = next(it)
             n_tok = torch.tensor(float(sum((m["targets"] != -100).sum() for m in micro)))
-            common.all_reduce_sum(n_tok, common.dp_group(mesh))
+            parallel.all_reduce_sum(n_tok, parallel.dp_group(mesh))
             assert int(n_tok) == int(ref_tokens)
             loss = model(first["input_ids"], first["position_ids"], first["cu_seqlens"],
                          max_seqlen=first["max_seqlen"], head=_ce_head(first))
@@ -160,7 +161,7 @@ def _fsdp_worker(rank, world, port, dp_replicate):
             # and the trainer's own step function, which runs the same loop
             model.zero_grad(set_to_none=True)
             loss_sum, n = sft_backward(model, micro, impl="torch", mesh=mesh)
-            torch.testing.assert_close(common.all_reduce_sum(loss_sum, common.dp_group(mesh)), ref_loss,
+            torch.testing.assert_close(parallel.all_reduce_sum(loss_sum, parallel.dp_group(mesh)), ref_loss,
                                        rtol=1e-5, atol=1e-5)
             assert_grads_close(grads(model), ref_grads, f"sft_backward grad_sync={sync}")
         assert_grads_close(got["last"], got["every"], "sync on last vs every micro-batch", rtol=1e-6)
@@ -176,7 +177,7 @@ def _ce_head(m):
 
 @pytest.mark.parametrize("dp_replicate,world", [(1, 2), (2, 4)], ids=["fsdp2", "hsdp2x2"])
 def test_grad_sync_on_last_and_hsdp_equal_one_process(dp_replicate, world):
-    torch.multiprocessing.spawn(_fsdp_worker, args=(world, common.free_port(), dp_replicate), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_fsdp_worker, args=(world, run.free_port(), dp_replicate), nprocs=world, join=True)
 
 
 def test_hsdp_mesh_flags_are_checked():
@@ -195,9 +196,6 @@ def _cache_worker(rank, world, port, dirs, hashes, bad_rank):
     try:
         calls = []
 
-        class Cfg:
-            ref_cache_dir = dirs[rank]
-
         def compute():  # collective, as compute_ref_logps is: every rank must enter it, or all would hang
             calls.append(1)
             t = torch.zeros(len(hashes), 2)
@@ -208,14 +206,14 @@ def _cache_worker(rank, world, port, dirs, hashes, bad_rank):
         want = torch.arange(2.0 * len(hashes)).view(-1, 2)
         if bad_rank is not None:  # a stale file on one rank: every rank refuses, none hangs in a collective
             with pytest.raises(ValueError, match="shifted or changed"):
-                load_or_compute_ref(Cfg, "k1", hashes, compute, rank)
+                load_or_compute_ref(dirs[rank], "k1", hashes, compute, rank, "cpu")
             assert not calls
             return
         # rank 0 holds the cache, rank 1 does not: both compute (rank 1 alone would hang), both now hold it
-        table, path, hit = load_or_compute_ref(Cfg, "k1", hashes, compute, rank)
+        table, path, hit = load_or_compute_ref(dirs[rank], "k1", hashes, compute, rank, "cpu")
         assert not hit and calls == [1] and torch.equal(table, want)
         assert os.path.isfile(path) and path.startswith(dirs[rank])
-        table, _, hit = load_or_compute_ref(Cfg, "k1", hashes, compute, rank)
+        table, _, hit = load_or_compute_ref(dirs[rank], "k1", hashes, compute, rank, "cpu")
         assert hit and calls == [1] and torch.equal(table, want)
         dist.barrier()
     finally:
@@ -234,5 +232,5 @@ def test_reference_cache_on_separate_file_systems(tmp_path, bad_rank):
         os.makedirs(dirs[1])
         torch.save({"key": "k1", "pair_hashes": hashes + 1, "logps": torch.zeros(5, 2)},
                    os.path.join(dirs[1], "ref_logps_k1.pt"))
-    torch.multiprocessing.spawn(_cache_worker, args=(2, common.free_port(), dirs, hashes, bad_rank), nprocs=2,
+    torch.multiprocessing.spawn(_cache_worker, args=(2, run.free_port(), dirs, hashes, bad_rank), nprocs=2,
                                 join=True)

@@ -1,116 +1,32 @@
-"""What the three train scripts share to start and log a run: flags from a dataclass, torch.distributed setup and
-the device mesh, loading and placing the model, the learning-rate schedule and optimizer step, metrics (progress bar
-+ JSONL). Checkpoints are in checkpoint.py, the loss heads in losses.py.
+"""A run's start-up and bookkeeping, shared by the train scripts: start() (flags, early checks, torch.distributed,
+the run directory claimed), the run directory (one run at a time, resumed only with its flags), metrics (progress
+bar + JSONL + optional loggers), the learning-rate schedule and the optimizer, and finish_run(). The flags are in
+flags.py, placement and collectives in parallel.py, checkpoints in checkpoint.py, the algorithms in algos/.
 
 Kept as plain functions so each train_*.py reads top to bottom."""
 
-import argparse
 import dataclasses
 import importlib
 import json
 import math
 import os
-import sys
 import time
-import typing
 
 import torch
 import torch.distributed as dist
 
+from nanotulu.flags import on_cuda_by_default, resolve_flags
+from nanotulu.parallel import clip_grad_norm
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Flags
-
-
-@dataclasses.dataclass
-class RunFlags:
-    """Flags every trainer has (each train_*.py's config dataclass extends this one)."""
-    seed: int = 42
-    weight_decay: float = 0.0  # Tulu 3: no weight decay in any stage
-    max_grad_norm: float = 1.0
-    resume: bool = dataclasses.field(default=True, metadata={"help": "continue from the latest checkpoint"})
-    precision: str = dataclasses.field(default="auto", metadata={"help": "bf16 | fp32 | auto (bf16 on GPU)"})
-    attn_backend: str = dataclasses.field(default="auto", metadata={"help": "auto | sdpa | flex | varlen"})
-    loss_impl: str = dataclasses.field(default="auto", metadata={"help": "fused loss: auto (chunked, "
-                                                                          "6NHV) | fused | triton | torch"})
-    dp_shard: int = dataclasses.field(default=-1, metadata={"help": "data-parallel shards (-1: world / tp / "
-                                                                     "dp_replicate)"})
-    dp_replicate: int = dataclasses.field(default=1, metadata={"help": "HSDP: data-parallel replicas (e.g. nodes), "
-                                                                       "each sharding over dp_shard ranks"})
-    tp: int = dataclasses.field(default=1, metadata={"help": "tensor-parallel degree"})
-    compile: str = dataclasses.field(default="auto", metadata={"help": "torch.compile each block: auto (on CUDA) | "
-                                                                       "true | false"})
-    grad_sync: str = dataclasses.field(default="last", metadata={"help": "FSDP gradient reduction: last (once per "
-                                                                         "step, after the last micro-batch) | every"})
-    fused_adamw: str = dataclasses.field(default="auto", metadata={"help": "fused AdamW kernel: auto (on CUDA) | "
-                                                                           "true | false"})
-    activation_checkpointing: bool = False
-    report_to: str = dataclasses.field(default="jsonl", metadata={"help": "loggers, comma-separated: jsonl (always "
-                                                                         "written), tensorboard, wandb"})
-    exit_after_steps: int = dataclasses.field(default=-1, metadata={"help": "testing: exit abruptly after N "
-                                                                            "steps (as a kill would)"})
-
-
-def parse_flags(cls, argv=None, preset=None):
-    """Command-line flags from a dataclass's fields (name -> --name, default -> default, the field's comment in
-    metadata["help"]). Every flag's help line shows its default; `preset` (the embedded default's overrides) is
-    listed after the flags. Returns (config, set of the flags the user gave explicitly)."""
-    epilog = None
-    if preset:
-        epilog = "with no --model (the embedded default), these replace the defaults above unless given: " + \
-                 ", ".join(f"{k}={v}" for k, v in preset.items())
-    parser = argparse.ArgumentParser(description=cls.__doc__, epilog=epilog)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is bool:
-            conv = _parse_bool
-        elif kind in (int, float, str):
-            conv = kind
-        else:
-            raise TypeError(f"flag --{f.name}: unsupported type {kind}")
-        # the default spelled out here: argparse's ArgumentDefaultsHelpFormatter skips flags without help text
-        text = f.metadata.get("help", "").replace("%", "%%")
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: %(default)r)".lstrip())
-    args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    return cls(**vars(args)), given
-
-
-def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def apply_preset(cfg, preset, given):
-    """Fields of `preset` (a dict) replace the defaults of cfg, but never a flag the user gave."""
-    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+# Start-up
 
 
 # CPU threads of the embedded runs: float sums split over threads round differently (one embedded SFT step's
 # gradients differ by ~6e-8 between 1, 2, 3 and 4 threads), and hundreds of steps grow that into other models and
 # accuracies; one fixed count gives the same embedded results on any machine of one CPU kind, whatever its cores.
 EMBEDDED_THREADS = 2
-
-
-def resolve_flags(cls, preset, argv, variant=None):
-    """The run's flags: the command line over the defaults; variant(cfg) -> dict: defaults that depend on another
-    flag (RLVR's --algo ppo); with no --model the embedded preset (a dict, or a function of the flags giving one)
-    over the defaults the command line leaves alone."""
-    shown = preset(cls()) if callable(preset) else preset  # --help lists the preset of the default flags
-    cfg, given = parse_flags(cls, argv, shown)
-    if variant is not None:
-        cfg = apply_preset(cfg, variant(cfg), given)
-    if cfg.model:
-        return cfg
-    return apply_preset(cfg, preset(cfg) if callable(preset) else preset, given)
 
 
 def config_diff(saved, now):
@@ -185,7 +101,7 @@ def check_output_path(path, flag, folder):
 
 
 def planned_dp_world(cfg, world):
-    """Data-parallel ranks of the mesh make_mesh will build (parallel.build_mesh checks the flags against the world
+    """Data-parallel ranks of the mesh parallel.make_mesh will build (parallel.build_mesh checks the flags against the world
     size)."""
     return cfg.dp_shard if cfg.dp_shard > 0 else max(1, world // cfg.tp)
 
@@ -359,13 +275,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def all_reduce_sum(x, group=None):
-    """Sum of a tensor over the ranks (identity in a single process); no host sync."""
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
-
-
 def finish_distributed():
     if dist.is_initialized():
         dist.barrier()  # every rank done writing before the group goes away
@@ -511,13 +420,6 @@ class Speed:
         return out
 
 
-def reduce_named(sums, group, device):
-    """Named per-rank sums {name: number or 0-d tensor} -> the same names summed over the ranks of `group`, with
-    one all-reduce for all of them."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in sums.values()])
-    return dict(zip(sums, all_reduce_sum(t, group)))
-
-
 def exit_if_asked(cfg, step):
     """--exit_after_steps: an abrupt stop after that step, as a killed job would (tests resume from the last
     checkpoint)."""
@@ -542,17 +444,7 @@ def finish_run(cfg, model, is_embedded, tok, rank, finish=True, template="tulu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training-step pieces shared by SFT, DPO and RLVR
-
-
-def make_mesh(cfg, world, device):
-    """The (dp, tp) mesh (with --dp_replicate > 1: (dp_replicate, dp_shard, tp), HSDP), or None for one CPU process
-    (plain model, no wrappers). On a GPU FSDP2 is used even for one process: bf16 parameters in compute, fp32 master
-    weights."""
-    if world > 1 or cfg.tp > 1 or device.type == "cuda":
-        from nanotulu import parallel
-        return parallel.build_mesh(world, cfg.dp_shard, cfg.tp, device, dp_replicate=cfg.dp_replicate)
-    return None
+# The model to train, its batches and its optimizer
 
 
 def load_model(path, tok, device, cfg, score_head=None):
@@ -565,84 +457,10 @@ def load_model(path, tok, device, cfg, score_head=None):
     return resize_vocab(m, max(tok.vocab_size, m.cfg.vocab_size))
 
 
-def on_cuda_by_default(value, flag, device):
-    """A flag that is auto | true | false (auto: on for CUDA) -> bool; a clear error for anything else."""
-    v = str(value).lower()
-    if v == "auto":
-        return device.type == "cuda"
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"--{flag} {value!r}: expected auto, true or false")
-
-
-def place(model, mesh, cfg, use_bf16, seq_len=None):
-    """Applies tensor parallel / activation checkpointing / compile / FSDP2 from the flags (parallel.py), and
-    records the gradient-sync choice that grad_sync_on_last reads."""
-    device = model.output_weight.device
-    compile_blocks = on_cuda_by_default(cfg.compile, "compile", device)
-    if cfg.grad_sync not in ("last", "every"):
-        raise ValueError(f"--grad_sync {cfg.grad_sync!r}: expected last or every")
-    if mesh is None:
-        if compile_blocks:
-            for block in model.model.layers.values():
-                block.compile()  # in place: state-dict names stay HF's (torch.compile(block) adds "_orig_mod.")
-        return model
-    from nanotulu import parallel
-    model = parallel.parallelize(model, mesh, bf16=use_bf16, compile=compile_blocks,
-                                 activation_checkpointing=cfg.activation_checkpointing, seq_len=seq_len)
-    model.grad_sync_every_micro_batch = cfg.grad_sync == "every"
-    return model
-
-
-def grad_sync_on_last(model, micro):
-    """Yields one step's micro-batches. Under FSDP the gradients are reduce-scattered (and all-reduced over HSDP
-    replicas) only in the last micro-batch's backward; the earlier ones accumulate unsharded gradients locally, at
-    the memory of one unsharded gradient copy. --grad_sync every reduces after each micro-batch instead."""
-    from torch.distributed.fsdp import FSDPModule
-
-    skip = isinstance(model, FSDPModule) and not getattr(model, "grad_sync_every_micro_batch", False)
-    for i, m in enumerate(micro):
-        if skip:
-            model.set_requires_gradient_sync(i == len(micro) - 1)
-        yield m
-
-
-def precision(model, use_bf16):
-    """The one bf16 mechanism of a forward: an FSDP2 model already computes with bf16 parameters (its
-    MixedPrecisionPolicy), so autocast on top would only add casts; a plain model gets autocast."""
-    from torch.distributed.fsdp import FSDPModule
-
-    device = model.output_weight.device
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and not isinstance(model, FSDPModule))
-
-
-def dp_coords(mesh, rank, world):
-    """(rank within the data-parallel group, its size): the loader splits rows by these."""
-    if mesh is None:
-        return rank, world
-    return mesh["dp"].get_local_rank(), mesh["dp"].size()
-
-
-def dp_group(mesh):
-    return None if mesh is None else mesh["dp"].get_group()
-
-
-def tp_group(mesh):
-    return None if mesh is None or mesh["tp"].size() == 1 else mesh["tp"].get_group()
-
-
 def step_batches(loader):
     """Endless stream of per-step row lists over epochs; the loader's own state says where it resumes."""
     while True:
         yield from loader
-
-
-def clip_grad_norm(model, max_norm):
-    """Clips in place; returns the total norm before clipping as a plain tensor (DTensor norms made full)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def make_optimizer(model, cfg, device):
