@@ -195,7 +195,9 @@ def pick_backend(name, device, dtype=None):
 def attention_dtype(x):
     """The dtype q/k/v will have in attention: autocast's on x's device when enabled, else x's own."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):  # "meta" has no autocast state
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def document_ids(cu_seqlens, B, T):
