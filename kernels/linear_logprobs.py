@@ -171,12 +171,16 @@ def _grads_kernel(X, W, T, LSE, GT, CA, CB, DX, DW,  # DX (N, H) fp32, DW (V, H)
 # ---------------------------------------------------------------------------------------------------------------
 # Default GPU launch configurations, (kernel, constexprs, num_warps, num_stages): the launchers read them and
 # `python -m nanotulu.kernels.report` compiles each for sm_90a (tests/test_sm90_compile.py fails on any spill).
-# Chosen by compiling for sm_90a (kernels/report.py): the former 128x128x64 stats and 64x128x64 grads tiles took
-# 255 registers and spilled 256 / 400 bytes to local memory (the online softmax keeps several (BLOCK_N, BLOCK_V)
-# fp32 temporaries; the grads kernel holds dz and two (., BLOCK_H) products). Halving one tile dimension of the
-# stats (BLOCK_V 64) and the k-step of the grads (BLOCK_H 32) removes the spills at the same token block.
+# Chosen from the sm_90a compile WITH the specialisations a real launch gets (16-byte aligned pointers, sizes and
+# strides divisible by 16; kernels/report.py). An earlier choice read an unhinted compile (254 / 199 registers,
+# scalar loads, no cp.async pipelining) and wrongly blamed spills; hinted, at 8 warps:
+#   stats 128x64x64: 140 registers; 128x128x64: 255, no spill. Both exceed 128, so one CTA (8 warps) per SM
+#     either way; BLOCK_V 128 halves the re-reads of the X block (one per vocab tile): chosen.
+#   grads 64x128x32: 127 registers, 86 KB shared -> two CTAs per SM (their atomics overlap the other's dots);
+#     64x128x64: 145 registers -> one CTA per SM; 128x128x32: 255. Kept 64x128x32.
+# These are the memory-lean option (impl="triton"), never a default path.
 GPU_CONFIGS = [
-    ("_stats_kernel", dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64), 8, 3),
+    ("_stats_kernel", dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64), 8, 3),
     ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=True, COMPUTE_DW=True), 8, 3),
     ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=True, COMPUTE_DW=False), 8, 3),
     ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=False, COMPUTE_DW=True), 8, 3),

@@ -130,8 +130,12 @@ def _row_grad_kernel(Z, DZ, T, LSE, GT, CA, CB, V, stride_z, stride_dz, vocab_st
 
 
 # Default GPU launch configurations, (kernel, constexprs, num_warps, num_stages): the launchers read them and
-# `python -m nanotulu.kernels.report` compiles each for sm_90a (tests/test_sm90_compile.py fails on any spill).
-# 2048 fp32 per tile over 8 warps: 8 per thread, 16-byte loads; the rows are memory bound.
+# `python -m nanotulu.kernels.report` compiles each for sm_90a with a real launch's specialisations (tests/
+# test_sm90_compile.py fails on any spill or scalar load). The rows are memory bound: what matters is 16-byte
+# loads and enough bytes in flight. 2048 fp32 per tile over 8 warps = 8 per thread = two 16-byte loads (the hinted
+# compile shows ld.global.v4; unhinted it is scalar). 26-44 registers: at least 5 CTAs (40 warps) per SM, 40 KB
+# of loads in flight per SM, above the ~25 KB Little's law asks at 4.8 TB/s and ~0.7 us over 132 SMs. A wider
+# tile would only add registers; num_stages has no effect on these loops (no dot: nothing to pipeline).
 GPU_CONFIGS = [
     ("_row_stats_kernel", dict(BLOCK_V=2048, WANT_EZ=False), 8, 3),
     ("_row_stats_kernel", dict(BLOCK_V=2048, WANT_EZ=True), 8, 3),
