@@ -315,7 +315,7 @@ def _chunked_stats(hidden, weight, targets, vocab_start, ignore_index, want_ez=T
     # buffers: what the no-grad passes (DPO reference, GRPO/PPO old and reference log-probs) run.
     N, V = hidden.shape[0], weight.shape[0]
     stats_fn, _ = row_fns(resolve_row_impl(row_impl, hidden.device))
-    C = min(chunk_size or default_chunk_size(V, weight.element_size()), N)
+    C = max(1, min(chunk_size or default_chunk_size(V, weight.element_size()), N))
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, tgt, ez = torch.empty(N, **f32), torch.empty(N, **f32), torch.zeros(N if want_ez else 0, **f32)
     z_buf = torch.empty(C, V, **f32)
@@ -335,7 +335,7 @@ def _chunked_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, voca
     N, H = hidden.shape
     V = weight.shape[0]
     _, grad_fn = row_fns(resolve_row_impl(row_impl, hidden.device))
-    C = min(chunk_size or default_chunk_size(V, weight.element_size()), N)
+    C = max(1, min(chunk_size or default_chunk_size(V, weight.element_size()), N))
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dx = torch.empty(N, H, **f32) if need_hidden else None  # every row written by its chunk
     dw = torch.empty(V, H, **f32) if need_weight else None  # written whole by the first chunk
