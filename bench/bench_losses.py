@@ -352,7 +352,8 @@ def check_values(names, N, H, V, dtype, device, args):
     logp_tol = 0.1 if bf16 else 1e-4  # bf16 logits products, fp32 log-sum-exp
     ok = same and d_logp <= logp_tol and d_logp_fused <= logp_tol
     failed += [] if ok else ["log-probs / bitwise"]
-    emit(dict(check="fused path", N=N, max_abs_d_logp_nograd=f"{d_logp:.3g}", max_abs_d_logp_fused=f"{d_logp_fused:.3g}",
+    emit(dict(check="fused path", N=N, max_abs_d_logp_nograd=f"{d_logp:.3g}",
+              max_abs_d_logp_fused=f"{d_logp_fused:.3g}",
               two_runs_bitwise_equal=same, addmm_path=addmm_path(device.type), result="ok" if ok else "FAIL"),
          args.jsonl)
     del x, w, t, refs

@@ -9,26 +9,31 @@ GRPO weight tokens differently):
     a_n = g_lse_n - g_logp_n + g_ent_n * (lse_n - entropy_n),   b_n = -g_ent_n
 (d logp/dz = onehot - p, d lse/dz = p, d entropy/dz = -p (z - E_p[z])). dX = dz W and dW = dz^T X.
 
-Two implementations of the same two primitives, `logprob_stats` (lse, target logit, E_p[z]) and `logprob_grads`
-(dX, dW from the coefficients above):
+Three implementations of the same two primitives, `logprob_stats` (lse, target logit, E_p[z]) and
+`logprob_grads` (dX, dW from the coefficients above):
+- "chunked" (the default, impl "auto"): chunks of C tokens, z = X_c W^T by one matmul into an fp32 (C, V) block
+  (cuBLAS on GPU), then the row kernels of rows.py (Triton on CUDA, torch on CPU): stats read z once; grads
+  write dz (own 16-bit buffer), then dX_c = dz W and dW (first chunk) = or += dz^T X_c. Without a gradient
+  (DPO reference, GRPO/PPO old and reference passes) only the matmul and the row-stats kernel run: 2NHV, no
+  gradient buffers.
 - "triton": tiles of (BLOCK_N x BLOCK_V) logits live only in registers. The stats kernel streams W once per
   block of tokens with an online, fp32 log-sum-exp. The grads kernel recomputes each logit tile, forms dz in
   registers and adds dz W and dz^T X into fp32 buffers with atomics. Tiles whose tokens are all ignored return
-  at once (no matmul work, no host sync: the check is inside the kernel).
-- "torch": chunks of `chunk_size` tokens, one (chunk, V) fp32 logit block at a time; what CPU training uses (the
-  Triton interpreter is far too slow to train with) and the reference the Triton path is tested against.
+  at once (no matmul work, no host sync: the check is inside the kernel). The memory-lean option (no logits
+  block), never a default: it re-streams X per vocab tile and issues ~1e11 fp32 atomics at N 8192, V 128256.
+- "torch": chunks of `chunk_size` tokens in plain torch ops; the reference the other two are tested against.
 
 FLOP count (the softmax is negligible):
-- linear_logprobs (per-token upstream gradient, both impls): forward 2NHV (logits for the lse), backward 6NHV
+- linear_logprobs (per-token upstream gradient, every impl): forward 2NHV (logits for the lse), backward 6NHV
   (recompute logits 2, dX 2, dW 2) = 8NHV. The upstream gradient is unknown in the forward pass, and the
   softmax needs a row's whole lse before any dz, so without keeping (N, V) logits 8NHV is the floor.
 - linear_cross_entropy, reduction sum/mean (impl auto, fused, torch): the chunked loss-fused path of
   chunked_loss.py, 6NHV (gradient formed in the forward pass), and what DPO and GRPO use through
   fused_linear_loss. The tile kernels here are the memory-lean option: no logits in memory, 8NHV.
 
-dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative), launched on a diagonal grid
-so that CTAs running together add into different dW and dX tiles (see _grads_kernel): the atomics are as many as
-before (N/BLOCK_N x V x H adds to dW) but no longer queue on the same addresses. The deterministic alternative
+Tile kernels' dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative), launched on a
+diagonal grid so that CTAs running together add into different dW and dX tiles (see _grads_kernel): the atomics
+are as many as before (N/BLOCK_N x V x H adds to dW) but no longer queue on the same addresses. The deterministic alternative
 (a program owns V rows of dW and loops over all tokens) cannot hold its BLOCK_V x H fp32 accumulator on chip at
 H = 4096 and would either read/write it in HBM once per token tile or recompute the logits once per H block;
 both cost far more than the atomics. To bound the fp32 scratch, the grads kernel runs once per chunk of
