@@ -32,12 +32,12 @@ FLOP count (the softmax is negligible):
   fused_linear_loss. The tile kernels here are the memory-lean option: no logits in memory, 8NHV.
 
 Tile kernels' dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative), launched on a
-diagonal grid so that CTAs running together add into different dW and dX tiles (see _grads_kernel): the atomics
-are as many as before (N/BLOCK_N x V x H adds to dW) but no longer queue on the same addresses. The deterministic alternative
-(a program owns V rows of dW and loops over all tokens) cannot hold its BLOCK_V x H fp32 accumulator on chip at
-H = 4096 and would either read/write it in HBM once per token tile or recompute the logits once per H block;
-both cost far more than the atomics. To bound the fp32 scratch, the grads kernel runs once per chunk of
-`v_chunk` vocab rows and casts that chunk of dW to the weight's dtype; dX accumulates in an (N, H) fp32 buffer.
+diagonal grid so that CTAs running together add into different dW and dX tiles (see _grads_kernel): the atomics are
+as many as before (N/BLOCK_N x V x H adds to dW) but no longer queue on the same addresses. The deterministic
+alternative (a program owns V rows of dW and loops over all tokens) cannot hold its BLOCK_V x H fp32 accumulator on
+chip at H = 4096 and would either read/write it in HBM once per token tile or recompute the logits once per H block;
+both cost far more than the atomics. To bound the fp32 scratch, the grads kernel runs once per chunk of `v_chunk`
+vocab rows and casts that chunk of dW to the weight's dtype; dX accumulates in an (N, H) fp32 buffer.
 
 Vocab parallel: `vocab_start` shifts the targets onto a vocab shard (targets outside contribute 0), and
 `logprob_grads` takes an external lse, so ranks can combine partial lse and share the global one

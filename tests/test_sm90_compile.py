@@ -1,7 +1,9 @@
-"""Every Triton kernel of nanotulu compiled for sm_90a (H100/H200) by the real Triton compiler, no GPU needed,
-at the configurations its launchers use on a GPU and with a real launch's specialisations (aligned pointers, sizes
-divisible by 16): none may spill to local memory (stack bytes > 0), and the tile kernels must use Hopper's wgmma. Runs `python -m nanotulu.kernels.report --json` in a subprocess without
-TRITON_INTERPRET (conftest.py sets it for the other tests; interpreted kernels cannot be compiled)."""
+"""Every Triton kernel of nanotulu compiled for sm_90a (H100/H200) by the real Triton compiler, no GPU needed, at
+the configurations its launchers use on a GPU and with a real launch's specialisations (aligned pointers, sizes
+divisible by 16): none may spill to local memory (stack bytes > 0), and the tile kernels must use Hopper's wgmma.
+Runs `python -m nanotulu.kernels.report --json` in a subprocess without TRITON_INTERPRET (conftest.py sets it for
+the other tests; interpreted kernels cannot be compiled).
+"""
 import json
 import os
 import subprocess
