@@ -7,8 +7,8 @@ It runs from a plain copy of the repository (nothing pip-installed): every step 
 root as its working directory and on its PYTHONPATH, so `nanotulu` and `nanotulu.kernels` (the link
 nanotulu/kernels -> ../kernels) import from the copy; the environment step fails if they resolve elsewhere.
 
-Steps, each a subprocess with its own time limit (the limits sum within BUDGET_S; a step gets at most what is
-left of the whole), in this order:
+Steps, each a subprocess with its own time limit (the limits sum within BUDGET_S; a step may also use what earlier
+steps left unspent, never the time promised to later ones), in this order:
 1. the environment: device, versions, where nanotulu imports from, which optional baselines import;
 2. the C++ packing extension built (untimed setup: no benchmark may pay for its compile);
 3. the fused losses: values first at full size (every method against an fp32 chunked reference: loss, dX, dW;
@@ -184,11 +184,15 @@ def main(argv=None):
     assert sum(limit for _, _, limit in steps(False, out_dir)) + STARTUP_S <= BUDGET_S, "limits exceed the budget"
     # the CPU smoke runs on a shared 2-core CI machine: twice each limit, the same overall budget
     deadline = start + BUDGET_S
+    scale = 2 if args.cpu_smoke else 1
+    chosen = [(i, step) for i, step in enumerate(plan, start=1)
+              if not args.only or any(o in step[0] for o in args.only)]
     results = []
-    for i, (name, cmd, limit) in enumerate(plan, start=1):
-        if args.only and not any(o in name for o in args.only):
-            continue
+    for j, (i, (name, cmd, limit)) in enumerate(chosen):
         left = deadline - time.perf_counter()
+        # a step may also use what earlier steps left unspent, never what the later ones are promised
+        later = sum(lim for _, (_, _, lim) in chosen[j + 1:]) * scale
+        limit = min(left, max(limit * scale, left - later))
         if left < 5:
             results.append({"step": name, "cmd": cmd, "rc": "skipped (suite budget spent)", "seconds": 0.0,
                             "output": ""})
@@ -196,7 +200,7 @@ def main(argv=None):
         # the compile report compiles for sm_90a (no kernel runs): never interpreted, even in the CPU smoke
         step_env = dict(env, TRITON_INTERPRET="0") if "report" in name else env
         log_path = os.path.join(out_dir, f"{i}-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log")
-        rc, secs, out = run_step(cmd, min(limit * (2 if args.cpu_smoke else 1), left), step_env, log_path, name)
+        rc, secs, out = run_step(cmd, limit, step_env, log_path, name)
         if "1B shape" in name:  # MFU beside the published anchor
             for mfu in re.findall(r"MFU ([0-9.]+%|n/a[^|]*)", out):
                 extra = f"MFU {mfu.strip()} | torchtitan published {TORCHTITAN_MFU} (Llama 3.1 8B, 8x H100, bf16)\n"

@@ -122,26 +122,45 @@ def _describe(constexprs):
                     if k not in ("DOT_DTYPE", "PRECISION"))
 
 
+def _compile_config(i, unhinted):
+    """Compiles the i-th entry of kernel_configs() (by index: a worker process rebuilds the list itself)."""
+    module, name, fn, types, ints, constexprs, warps, stages = kernel_configs()[i]
+    r = compile_one(fn, types, constexprs, warps, stages, attrs=None if unhinted else launch_attrs(fn, types, ints))
+    r.update(hinted=not unhinted, kernel=f"{module}.{name}",
+             config=f"{_describe(constexprs)} warps={warps} stages={stages}")
+    return r
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel and config")
     ap.add_argument("--unhinted", action="store_true",
                     help="compile without the launch's alignment / divisibility specialisations (not what runs)")
     ap.add_argument("--only", default=None, help="kernels whose name contains this string")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="compile this many configurations at once (processes); 1: in this process")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for sm_90a")
-    rows = []
-    for module, name, fn, types, ints, constexprs, warps, stages in kernel_configs():
-        if args.only and args.only not in name:
-            continue
-        attrs = None if args.unhinted else launch_attrs(fn, types, ints)
-        r = compile_one(fn, types, constexprs, warps, stages, attrs=attrs)
-        r["hinted"] = not args.unhinted
-        r.update(kernel=f"{module}.{name}", config=f"{_describe(constexprs)} warps={warps} stages={stages}")
-        rows.append(r)
-        if args.json:
-            print(json.dumps(r), flush=True)
+    todo = [i for i, c in enumerate(kernel_configs()) if not args.only or args.only in c[1]]
+    if args.jobs > 1 and len(todo) > 1:  # ptxas dominates: one process per configuration, results in order
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(todo)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(_compile_config, todo, [args.unhinted] * len(todo))
+            rows = []
+            for r in results:
+                rows.append(r)
+                if args.json:
+                    print(json.dumps(r), flush=True)
+    else:
+        rows = []
+        for i in todo:
+            rows.append(_compile_config(i, args.unhinted))
+            if args.json:
+                print(json.dumps(rows[-1]), flush=True)
     if args.json:
         print(json.dumps({"all_kernels": all_kernels()}))
         return rows
