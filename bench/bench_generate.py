@@ -90,6 +90,36 @@ def run_hf(hf, prompts, new_tokens, device):
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
 
 
+def greedy_check(model, cfg, prompts, new_tokens, device):
+    """Greedy tokens of nanotulu.generate against transformers' greedy generate, both on fp32 copies of the weights
+    (bf16 rounding would turn near-ties into differences). Returns "identical" or where the first row differs and
+    by how much our top two logits were apart there (a near-tie, or a bug)."""
+    import copy
+
+    m32 = copy.deepcopy(model).float()
+    hf = hf_model_like(m32, cfg, device, torch.float32)
+    ours = [r["tokens"] for r in generate(m32, prompts, max_new_tokens=new_tokens, eos_token_id=-1, greedy=True)]
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):], mask[b, P - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                             eos_token_id=None)[:, P:].tolist()
+    verdict = "identical"
+    for b, (a, h) in enumerate(zip(ours, theirs)):
+        if a != h:
+            i = next(j for j in range(new_tokens) if a[j] != h[j])
+            with torch.no_grad():
+                top = m32.logits(torch.tensor([prompts[b] + a[:i]], device=device))[0, -1].topk(2).values
+            verdict = f"row {b} differs at token {i} (our top-2 logit gap {float(top[0] - top[1]):.2e})"
+            break
+    del m32, hf
+    return verdict
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on CPU, fp32")
@@ -137,6 +167,11 @@ def main(argv=None):
         assert out.shape[1] == max(lengths) + N
         fig.update(hf_s=hf_s, hf_tok_s=tokens / hf_s, speedup_vs_hf=hf_s / ours_s)
         del hf
+
+    if not args.no_hf:
+        fig["greedy_vs_transformers"] = greedy_check(model, cfg, prompts[:4], 8, device)
+        print(f"  greedy tokens vs transformers (fp32 copies, 4 prompts x 8 tokens): "
+              f"{fig['greedy_vs_transformers']}", flush=True)
 
     bw = copy_bandwidth(device, copy_bytes)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once

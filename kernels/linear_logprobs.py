@@ -9,43 +9,48 @@ GRPO weight tokens differently):
     a_n = g_lse_n - g_logp_n + g_ent_n * (lse_n - entropy_n),   b_n = -g_ent_n
 (d logp/dz = onehot - p, d lse/dz = p, d entropy/dz = -p (z - E_p[z])). dX = dz W and dW = dz^T X.
 
-Two implementations of the same two primitives, `logprob_stats` (lse, target logit, E_p[z]) and `logprob_grads`
-(dX, dW from the coefficients above):
+Three implementations of the same two primitives, `logprob_stats` (lse, target logit, E_p[z]) and
+`logprob_grads` (dX, dW from the coefficients above):
+- "chunked" (the default, impl "auto"): chunks of C tokens, z = X_c W^T by one matmul into an fp32 (C, V) block
+  (cuBLAS on GPU), then the row kernels of rows.py (Triton on CUDA, torch on CPU): stats read z once; grads
+  write dz (own 16-bit buffer), then dX_c = dz W and dW (first chunk) = or += dz^T X_c. Without a gradient
+  (DPO reference, GRPO/PPO old and reference passes) only the matmul and the row-stats kernel run: 2NHV, no
+  gradient buffers.
 - "triton": tiles of (BLOCK_N x BLOCK_V) logits live only in registers. The stats kernel streams W once per
   block of tokens with an online, fp32 log-sum-exp. The grads kernel recomputes each logit tile, forms dz in
   registers and adds dz W and dz^T X into fp32 buffers with atomics. Tiles whose tokens are all ignored return
-  at once (no matmul work, no host sync: the check is inside the kernel).
-- "torch": chunks of `chunk_size` tokens, one (chunk, V) fp32 logit block at a time; what CPU training uses (the
-  Triton interpreter is far too slow to train with) and the reference the Triton path is tested against.
+  at once (no matmul work, no host sync: the check is inside the kernel). The memory-lean option (no logits
+  block), never a default: it re-streams X per vocab tile and issues ~1e11 fp32 atomics at N 8192, V 128256.
+- "torch": chunks of `chunk_size` tokens in plain torch ops; the reference the other two are tested against.
 
 FLOP count (the softmax is negligible):
-- linear_logprobs (per-token upstream gradient, both impls): forward 2NHV (logits for the lse), backward 6NHV
+- linear_logprobs (per-token upstream gradient, every impl): forward 2NHV (logits for the lse), backward 6NHV
   (recompute logits 2, dX 2, dW 2) = 8NHV. The upstream gradient is unknown in the forward pass, and the
   softmax needs a row's whole lse before any dz, so without keeping (N, V) logits 8NHV is the floor.
 - linear_cross_entropy, reduction sum/mean (impl auto, fused, torch): the chunked loss-fused path of
   chunked_loss.py, 6NHV (gradient formed in the forward pass), and what DPO and GRPO use through
   fused_linear_loss. The tile kernels here are the memory-lean option: no logits in memory, 8NHV.
 
-dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative), launched on a diagonal grid
-so that CTAs running together add into different dW and dX tiles (see _grads_kernel): the atomics are as many as
-before (N/BLOCK_N x V x H adds to dW) but no longer queue on the same addresses. The deterministic alternative
-(a program owns V rows of dW and loops over all tokens) cannot hold its BLOCK_V x H fp32 accumulator on chip at
-H = 4096 and would either read/write it in HBM once per token tile or recompute the logits once per H block;
-both cost far more than the atomics. To bound the fp32 scratch, the grads kernel runs once per chunk of
-`v_chunk` vocab rows and casts that chunk of dW to the weight's dtype; dX accumulates in an (N, H) fp32 buffer.
+Tile kernels' dW accumulation: fp32 atomics (order-dependent in the last bits, ~1e-7 relative), launched on a
+diagonal grid so that CTAs running together add into different dW and dX tiles (see _grads_kernel): the atomics are
+as many as before (N/BLOCK_N x V x H adds to dW) but no longer queue on the same addresses. The deterministic
+alternative (a program owns V rows of dW and loops over all tokens) cannot hold its BLOCK_V x H fp32 accumulator on
+chip at H = 4096 and would either read/write it in HBM once per token tile or recompute the logits once per H block;
+both cost far more than the atomics. To bound the fp32 scratch, the grads kernel runs once per chunk of `v_chunk`
+vocab rows and casts that chunk of dW to the weight's dtype; dX accumulates in an (N, H) fp32 buffer.
 
 Vocab parallel: `vocab_start` shifts the targets onto a vocab shard (targets outside contribute 0), and
 `logprob_grads` takes an external lse, so ranks can combine partial lse and share the global one
 (see vocab_parallel_linear_logprobs).
 """
-import os
-
 import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .chunked_loss import default_chunk_size, fused_linear_loss
+from .rows import (INTERPRET, _addmm_acc, _check_inputs, _mm_f32, _mm_into, _target_index, _torch_dz,
+                   combine_vocab_shards, dz_buffer, resolve_row_impl, row_fns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,12 +176,16 @@ def _grads_kernel(X, W, T, LSE, GT, CA, CB, DX, DW,  # DX (N, H) fp32, DW (V, H)
 # ---------------------------------------------------------------------------------------------------------------
 # Default GPU launch configurations, (kernel, constexprs, num_warps, num_stages): the launchers read them and
 # `python -m nanotulu.kernels.report` compiles each for sm_90a (tests/test_sm90_compile.py fails on any spill).
-# Chosen by compiling for sm_90a (kernels/report.py): the former 128x128x64 stats and 64x128x64 grads tiles took
-# 255 registers and spilled 256 / 400 bytes to local memory (the online softmax keeps several (BLOCK_N, BLOCK_V)
-# fp32 temporaries; the grads kernel holds dz and two (., BLOCK_H) products). Halving one tile dimension of the
-# stats (BLOCK_V 64) and the k-step of the grads (BLOCK_H 32) removes the spills at the same token block.
+# Chosen from the sm_90a compile WITH the specialisations a real launch gets (16-byte aligned pointers, sizes and
+# strides divisible by 16; kernels/report.py). An earlier choice read an unhinted compile (254 / 199 registers,
+# scalar loads, no cp.async pipelining) and wrongly blamed spills; hinted, at 8 warps:
+#   stats 128x64x64: 140 registers; 128x128x64: 255, no spill. Both exceed 128, so one CTA (8 warps) per SM
+#     either way; BLOCK_V 128 halves the re-reads of the X block (one per vocab tile): chosen.
+#   grads 64x128x32: 127 registers, 86 KB shared -> two CTAs per SM (their atomics overlap the other's dots);
+#     64x128x64: 145 registers -> one CTA per SM; 128x128x32: 255. Kept 64x128x32.
+# These are the memory-lean option (impl="triton"), never a default path.
 GPU_CONFIGS = [
-    ("_stats_kernel", dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64), 8, 3),
+    ("_stats_kernel", dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64), 8, 3),
     ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=True, COMPUTE_DW=True), 8, 3),
     ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=True, COMPUTE_DW=False), 8, 3),
     ("_grads_kernel", dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, COMPUTE_DX=False, COMPUTE_DW=True), 8, 3),
@@ -260,23 +269,8 @@ def _triton_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab
 # ---------------------------------------------------------------------------------------------------------------
 # Chunked PyTorch implementation (CPU training, reference for the Triton path)
 # ---------------------------------------------------------------------------------------------------------------
-def _mm_f32(a, b):
-    # a @ b with fp32 output. 16-bit CUDA inputs: tensor-core matmul with fp32 output, no upcast copy of b.
-    if a.is_cuda and b.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
-
-
 def _default_chunk(V):
     return max(16, min(4096, (1 << 27) // max(V, 1)))  # a (chunk, V) fp32 block of at most 512 MiB
-
-
-def _target_index(targets, V, vocab_start, ignore_index):
-    # (N,) column of the target in this shard (0 when outside) and whether it is inside
-    valid = targets != ignore_index
-    t_local = targets - vocab_start
-    inside = valid & (t_local >= 0) & (t_local < V)
-    return valid, inside, torch.where(inside, t_local, torch.zeros_like(t_local))
 
 
 def _torch_stats(hidden, weight, targets, vocab_start, ignore_index, chunk_size=None):
@@ -295,14 +289,6 @@ def _torch_stats(hidden, weight, targets, vocab_start, ignore_index, chunk_size=
         tgt[s:s + chunk] = z.gather(1, t_idx[s:s + chunk, None]).squeeze(1)
     zero = torch.zeros((), device=hidden.device)
     return torch.where(valid, lse, zero), torch.where(inside, tgt, zero), torch.where(valid, ez, zero)
-
-
-def _torch_dz(z, lse, g_target, coef_p, coef_pz, valid, inside, t_idx):
-    # dz = g_target * onehot + p * (coef_p + coef_pz * z), zero on ignored rows; (C, V) fp32
-    p = torch.exp(z - torch.where(valid, lse, 0.0)[:, None])
-    dz = p * (coef_p[:, None] + coef_pz[:, None] * z)
-    dz.scatter_add_(1, t_idx[:, None], torch.where(inside, g_target, 0.0)[:, None])
-    return torch.where(valid[:, None], dz, 0.0)
 
 
 def _torch_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab_start, ignore_index,
@@ -326,31 +312,75 @@ def _torch_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab_
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Chunked matmul + row kernels: the default on every device (cuBLAS logits, then the memory-bound row kernels)
+# ---------------------------------------------------------------------------------------------------------------
+def _chunked_stats(hidden, weight, targets, vocab_start, ignore_index, want_ez=True, chunk_size=None,
+                   row_impl="auto"):
+    # per chunk: z = X_c W^T (C, V) fp32 by one matmul (2 C H V), then row kernel 1 reads z once. No gradient
+    # buffers: what the no-grad passes (DPO reference, GRPO/PPO old and reference log-probs) run.
+    N, V = hidden.shape[0], weight.shape[0]
+    stats_fn, _ = row_fns(resolve_row_impl(row_impl, hidden.device))
+    C = max(1, min(chunk_size or default_chunk_size(V, weight.element_size()), N))
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lse, tgt, ez = torch.empty(N, **f32), torch.empty(N, **f32), torch.zeros(N if want_ez else 0, **f32)
+    z_buf = torch.empty(C, V, **f32)
+    w_t = weight.t()
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        z = z_buf[:e - s]
+        _mm_into(hidden[s:e], w_t, z)
+        stats_fn(z, targets[s:e], vocab_start, ignore_index, want_ez, lse[s:e], tgt[s:e], ez[s:e] if want_ez else ez)
+    return lse, tgt, (ez if want_ez else torch.zeros_like(lse))
+
+
+def _chunked_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, vocab_start, ignore_index,
+                   need_hidden, need_weight, chunk_size=None, row_impl="auto", addmm_path=None):
+    # per chunk: z again (2 C H V), row kernel 2 -> dz (weight dtype, own buffer), dX_c = dz W (2 C H V) written,
+    # dW = (first chunk) or += dz^T X_c (2 C H V) into one fp32 accumulator, cast once at the end
+    N, H = hidden.shape
+    V = weight.shape[0]
+    _, grad_fn = row_fns(resolve_row_impl(row_impl, hidden.device))
+    C = max(1, min(chunk_size or default_chunk_size(V, weight.element_size()), N))
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dx = torch.empty(N, H, **f32) if need_hidden else None  # every row written by its chunk
+    dw = torch.empty(V, H, **f32) if need_weight else None  # written whole by the first chunk
+    z_buf = torch.empty(C, V, **f32)
+    dz_buf = dz_buffer(z_buf, weight.dtype)
+    w_t = weight.t()
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        x_c, z, dz = hidden[s:e], z_buf[:e - s], dz_buf[:e - s]
+        _mm_into(x_c, w_t, z)
+        grad_fn(z, dz, targets[s:e], lse[s:e], g_target[s:e], coef_p[s:e], coef_pz[s:e], vocab_start, ignore_index)
+        if need_hidden:
+            _mm_into(dz, weight, dx[s:e])
+        if need_weight:
+            if s == 0:
+                _mm_into(dz.t(), x_c, dw)
+            else:
+                _addmm_acc(dw, dz.t(), x_c, path=addmm_path)
+    del z_buf, dz_buf
+    return dx, (dw.to(weight.dtype) if need_weight else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Low-level primitives (explicit vocab offset, external lse): what the vocab-parallel combine is built on
 # ---------------------------------------------------------------------------------------------------------------
+IMPLS = ("auto", "chunked", "fused", "triton", "torch")
+
+
 def _resolve_impl(impl, hidden):
-    if impl in ("auto", "fused"):  # per-token log-probs with an unknown upstream gradient: nothing to fuse
-        return "triton" if hidden.is_cuda else "torch"
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'fused', 'triton' or 'torch', got {impl!r}")
-    return impl
-
-
-def _check_inputs(hidden, weight, targets):
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"hidden must be (N, H) and weight (V, H); got hidden {tuple(hidden.shape)}, "
-                         f"weight {tuple(weight.shape)} (flatten batch and time into N first)")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden size differs: hidden (N, {hidden.shape[1]}) vs weight (V, {weight.shape[1]})")
-    if targets.shape != (hidden.shape[0],):
-        raise ValueError(f"targets must be ({hidden.shape[0]},) to match hidden, got {tuple(targets.shape)}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
-    if hidden.device != weight.device or hidden.device != targets.device:
-        raise ValueError(f"hidden, weight, targets on different devices: "
-                         f"{hidden.device}, {weight.device}, {targets.device}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    """-> (path, row_impl). "auto" / "chunked": matmul + row kernels (Triton rows on CUDA, torch rows on CPU);
+    "fused": the same with the Triton rows even on CPU (interpreted); "triton": the tile kernels (8NHV, no logits
+    block in memory, fp32 atomics: the memory-lean option, never a default); "torch": the plain chunked torch
+    reference."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if impl in ("auto", "chunked"):
+        return "chunked", "auto"
+    if impl == "fused":
+        return "chunked", "triton"
+    return impl, None
 
 
 def logprob_stats(hidden, weight, targets, *, vocab_start=0, ignore_index=-100, impl="auto", **kw):
@@ -361,7 +391,10 @@ def logprob_stats(hidden, weight, targets, *, vocab_start=0, ignore_index=-100, 
     the target is outside the shard), and E_p[z] under the local softmax. All three are 0 on ignored tokens.
     """
     _check_inputs(hidden, weight, targets)
-    if _resolve_impl(impl, hidden) == "triton":
+    path, row_impl = _resolve_impl(impl, hidden)
+    if path == "chunked":
+        return _chunked_stats(hidden, weight, targets, vocab_start, ignore_index, row_impl=row_impl, **kw)
+    if path == "triton":
         return _triton_stats(hidden, weight, targets, vocab_start, ignore_index, **kw)
     return _torch_stats(hidden, weight, targets, vocab_start, ignore_index, **kw)
 
@@ -374,8 +407,12 @@ def logprob_grads(hidden, weight, targets, lse, g_target, coef_p, coef_pz, *, vo
     Returns (d_hidden fp32 (N, H) or None, d_weight (V, H) in weight.dtype or None); ignored tokens give 0.
     """
     _check_inputs(hidden, weight, targets)
-    fn = _triton_grads if _resolve_impl(impl, hidden) == "triton" else _torch_grads
+    path, row_impl = _resolve_impl(impl, hidden)
     f32 = [x.float().contiguous() for x in (lse, g_target, coef_p, coef_pz)]
+    if path == "chunked":
+        return _chunked_grads(hidden, weight, targets, *f32, vocab_start, ignore_index, need_hidden, need_weight,
+                              row_impl=row_impl, **kw)
+    fn = _triton_grads if path == "triton" else _torch_grads
     return fn(hidden, weight, targets, *f32, vocab_start, ignore_index, need_hidden, need_weight, **kw)
 
 
@@ -386,24 +423,15 @@ class _LinearLogprobsFn(torch.autograd.Function):
     """(logp, lse, entropy) per token; with tp_group set, weight is a vocab shard and ranks combine."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_start, ignore_index, impl, tp_group, kw):
-        lse_r, tgt, ez_r = logprob_stats(hidden, weight, targets, vocab_start=vocab_start,
-                                         ignore_index=ignore_index, impl=impl, **kw.get("stats", {}))
-        valid = targets != ignore_index
-        if tp_group is None:
-            lse, ez = lse_r, ez_r
-        else:  # combine shards: global lse from max and sum-exp; the target logit lives on one rank
-            group = None if tp_group == "default" else tp_group
-            m = lse_r.clone()
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            sum_exp = torch.exp(lse_r - m)
-            dist.all_reduce(sum_exp, group=group)
-            lse = m + torch.log(sum_exp)
-            ez = torch.exp(lse_r - lse) * ez_r  # rescale each shard's E_p[z] to the global softmax
-            dist.all_reduce(ez, group=group)
-            dist.all_reduce(tgt, group=group)
-            zero = torch.zeros((), device=lse.device)
-            lse, ez = torch.where(valid, lse, zero), torch.where(valid, ez, zero)
+    def forward(ctx, hidden, weight, targets, vocab_start, ignore_index, impl, tp_group, want_ez, kw):
+        stats_kw = dict(kw.get("stats", {}))
+        if _resolve_impl(impl, hidden)[0] == "chunked":  # E_p[z] only when the entropy is asked for
+            stats_kw["want_ez"] = want_ez
+        lse, tgt, ez = logprob_stats(hidden, weight, targets, vocab_start=vocab_start, ignore_index=ignore_index,
+                                     impl=impl, **stats_kw)
+        if tp_group is not None:  # combine the shards (see rows.combine_vocab_shards)
+            lse, tgt, ez = combine_vocab_shards(lse, tgt, ez, targets != ignore_index,
+                                                None if tp_group == "default" else tp_group)
         logp = tgt - lse
         entropy = lse - ez
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
@@ -416,7 +444,7 @@ class _LinearLogprobsFn(torch.autograd.Function):
         vocab_start, ignore_index, impl, tp_group, kw = ctx.args
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_hidden or need_weight):
-            return (None,) * 8
+            return (None,) * 9
         coef_p = g_lse - g_logp + g_ent * (lse - entropy)  # see the module docstring
         d_hidden, d_weight = logprob_grads(
             hidden, weight, targets, lse, g_logp, coef_p, -g_ent, vocab_start=vocab_start,
@@ -425,7 +453,7 @@ class _LinearLogprobsFn(torch.autograd.Function):
             if tp_group is not None:  # each shard gave its vocab's part of dX
                 dist.all_reduce(d_hidden, group=None if tp_group == "default" else tp_group)
             d_hidden = d_hidden.to(hidden.dtype)
-        return d_hidden, d_weight, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,12 +473,14 @@ def linear_logprobs(hidden, weight, targets, ignore_index=-100, *, return_lse=Fa
     hidden (N, H), weight (V, H) same dtype, targets (N,) int. Returns logps (N,) fp32 (0 where ignored), or a
     tuple (logps, [lse], [entropy]) with the extras asked for, each fp32 (N,). Differentiable with respect to
     hidden and weight for any upstream gradient per token, through all returned outputs.
-    impl: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (CPU works under TRITON_INTERPRET=1), "torch".
+    impl: "auto" (chunked matmul + row kernels: Triton rows on CUDA, torch rows on CPU; without a gradient only
+    the matmul and row-stats kernel run, no gradient buffers), "fused" (the same with Triton rows on CPU too),
+    "triton" (the tile kernels: the memory-lean option; CPU under TRITON_INTERPRET=1), "torch" (reference).
     kw: expert knobs for tests and tuning: stats={...}, grads={...} passed to the chosen implementation.
     """
     _check_inputs(hidden, weight, targets)
-    impl = _resolve_impl(impl, hidden)
-    out = _LinearLogprobsFn.apply(hidden, weight, targets, 0, ignore_index, impl, None, kw)
+    _resolve_impl(impl, hidden)
+    out = _LinearLogprobsFn.apply(hidden, weight, targets, 0, ignore_index, impl, None, return_entropy, kw)
     return _pick(out, return_lse, return_entropy)
 
 
@@ -462,17 +492,15 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="
     where torch's cross_entropy gives nan), "none" ((N,) fp32, 0 where ignored). Returns fp32.
     impl for sum/mean: "auto" (the chunked loss-fused path of chunked_loss.py, 6NHV: Triton rows on CUDA, torch
     rows on CPU), "fused" (that path with the Triton row kernels, interpreted on CPU), "torch" (that path with
-    torch rows), "triton" (the tile-only kernels, 8NHV, no logits in memory). reduction "none" goes through
-    linear_logprobs (8NHV: the per-token upstream gradient is unknown in the forward).
+    torch rows), "chunked" (= "auto"), "triton" (the tile-only kernels, 8NHV, no logits in memory).
+    reduction "none" goes through linear_logprobs with the same impl (8NHV: the per-token upstream gradient is
+    unknown in the forward).
     """
     _check_inputs(hidden, weight, targets)
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
-    if impl not in ("auto", "fused", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'fused', 'triton' or 'torch', got {impl!r}")
+    _resolve_impl(impl, hidden)
     if reduction != "none" and impl != "triton":
-        from .chunked_loss import fused_linear_loss
-
         valid = targets != ignore_index
         # mean: the normaliser is counted on device before the chunks (no host sync)
         scale = 1.0 / valid.sum().clamp(min=1).float() if reduction == "mean" else None
@@ -481,12 +509,11 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="
             total = -logp.sum()
             return total if scale is None else total * scale
 
-        row_impl = {"auto": "auto", "fused": "triton", "torch": "torch"}[impl]
+        row_impl = {"auto": "auto", "chunked": "auto", "fused": "triton", "torch": "torch"}[impl]
         return fused_linear_loss(hidden, weight, targets, loss_fn, ignore_index=ignore_index,
                                  chunk_size=chunk_size, row_impl=row_impl)[0]
-    impl = _resolve_impl(impl, hidden)
-    kw = {} if chunk_size is None or impl != "torch" else dict(stats=dict(chunk_size=chunk_size),
-                                                               grads=dict(chunk_size=chunk_size))
+    kw = {} if chunk_size is None or impl == "triton" else dict(stats=dict(chunk_size=chunk_size),
+                                                                grads=dict(chunk_size=chunk_size))
     losses = -linear_logprobs(hidden, weight, targets, ignore_index, impl=impl, **kw)
     if reduction == "none":
         return losses
@@ -506,7 +533,7 @@ def vocab_parallel_linear_logprobs(hidden, weight_shard, targets, vocab_start, g
     Every rank gets the same logps; the loss built on them must be the same on every rank.
     """
     _check_inputs(hidden, weight_shard, targets)
-    impl = _resolve_impl(impl, hidden)
+    _resolve_impl(impl, hidden)
     out = _LinearLogprobsFn.apply(hidden, weight_shard, targets, int(vocab_start), ignore_index, impl,
-                                  "default" if group is None else group, kw)
+                                  "default" if group is None else group, return_entropy, kw)
     return _pick(out, return_lse, return_entropy)

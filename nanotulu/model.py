@@ -20,7 +20,7 @@ boundaries over the flattened B*T tokens, like flash-attn's varlen) keeps attent
 - "varlen": flash-attn's varlen function if installed, else torch's own varlen attention (GPU); GQA is passed to
   the kernel, and the longest document (`max_seqlen`) comes from the loader as a python int, so no forward reads
   a device tensor back.
-"auto" picks varlen or flex on CUDA and sdpa on CPU.
+"auto" picks varlen or flex on CUDA and sdpa on CPU; fp32 q/k/v on CUDA get flex (the varlen kernels take 16-bit only).
 
 Generation passes a static KV cache (see nanotulu/generate.py): a dict with per-layer "k" and "v" lists of
 (B, n_kv_heads, S, head_dim) tensors, "pos" (T,) the cache slots this call writes, and "mask" (B, 1, T, S) bool,
@@ -160,6 +160,7 @@ def _has_flash_attn():
         return False
 
 
+@functools.cache
 def _has_torch_varlen():
     """torch's own varlen attention (torch >= 2.9). A submodule: `hasattr(torch.nn.attention, "varlen")` is False
     until something imports it, so it is imported here."""
@@ -170,15 +171,33 @@ def _has_torch_varlen():
         return False
 
 
-def pick_backend(name, device):
-    """"auto": varlen (flash-attn, else torch's) on CUDA when available, else flex on CUDA, sdpa elsewhere."""
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn's and torch's varlen kernels take nothing else
+
+
+def pick_backend(name, device, dtype=None):
+    """The attention backend for packed rows of q/k/v in `dtype` (None: assume 16-bit) on `device`.
+    "auto": varlen (flash-attn, else torch's) on CUDA when available, else flex on CUDA, sdpa elsewhere.
+    varlen (asked for or auto) with an fp32 q/k/v on CUDA becomes flex: both varlen kernels refuse fp32 (an fp32
+    model without autocast, the fp32 reference runs), flex runs any dtype.
+    Called by Llama.forward outside any compiled region only (never in the KV-cache decode step): the probes
+    import flash_attn / torch's varlen module, which dynamo cannot trace under fullgraph=True."""
     if name not in ("auto", "sdpa", "flex", "varlen"):
         raise ValueError(f"unknown attention backend {name!r} (auto, sdpa, flex, varlen)")
-    if name != "auto":
-        return name
     if device.type != "cuda":
-        return "sdpa"
-    return "varlen" if _has_flash_attn() or _has_torch_varlen() else "flex"
+        return "sdpa" if name == "auto" else name
+    if name == "auto":
+        name = "varlen" if _has_flash_attn() or _has_torch_varlen() else "flex"
+    if name == "varlen" and dtype is not None and dtype not in VARLEN_DTYPES:
+        return "flex"
+    return name
+
+
+def attention_dtype(x):
+    """The dtype q/k/v will have in attention: autocast's on x's device when enabled, else x's own."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):  # "meta" has no autocast state
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def document_ids(cu_seqlens, B, T):
@@ -406,8 +425,11 @@ class Llama(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
-        backend = pick_backend(self.attn_backend, input_ids.device)
-        meta = None if cache is not None else attention_meta(backend, cu_seqlens, B, T, input_ids.device, max_seqlen)
+        if cache is not None:  # KV-cache generation: attention is SDPA over the cache, no backend to choose (and the
+            backend, meta = "sdpa", None  # compiled decode step must not trace pick_backend's imports)
+        else:
+            backend = pick_backend(self.attn_backend, input_ids.device, attention_dtype(x))
+            meta = attention_meta(backend, cu_seqlens, B, T, input_ids.device, max_seqlen)
         att = AttnInputs(cos, sin, backend, meta, cache, max_seqlen)
         for block in self.model.layers.values():
             x = block(x, att)

@@ -64,7 +64,7 @@ SHAPES = [  # (N, H, V, ignored token range)
 ]
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "fused"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_logprobs_values_and_grads(impl, shape, dtype, rel):
@@ -104,14 +104,72 @@ def test_logprobs_only_output(impl):
 def test_impls_agree():
     hidden, weight, targets, upstream = make_inputs(45, 48, 97, torch.float32, seed=7)
     results = []
-    for impl in ("torch", "triton"):
+    for impl in ("torch", "triton", "auto"):
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_()
         outs = linear_logprobs(h, w, targets, return_lse=True, return_entropy=True, impl=impl)
         sum((o * u.float()).sum() for o, u in zip(outs, upstream)).backward()
         results.append((*outs, h.grad, w.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+# ---- P1: the defaults take the chunked matmul + row kernels, never the atomic tile kernels -------------------------
+def _no_tiles(monkeypatch):
+    from nanotulu.kernels import linear_logprobs as mod
+
+    def refuse(*a, **k):
+        raise AssertionError("a default path launched the tile kernels")
+
+    monkeypatch.setattr(mod, "_triton_stats", refuse)
+    monkeypatch.setattr(mod, "_triton_grads", refuse)
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_defaults_never_take_the_tile_kernels(monkeypatch, impl):
+    _no_tiles(monkeypatch)
+    hidden, weight, targets, upstream = make_inputs(37, 40, 75, torch.bfloat16, seed=31, ignore_block=(0, 18))
+    ref, ref_dh, ref_dw = reference_grads(hidden, weight, targets, upstream)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    outs = linear_logprobs(h, w, targets, return_lse=True, return_entropy=True, impl=impl,
+                           stats=dict(chunk_size=16), grads=dict(chunk_size=16))
+    for o, r in zip(outs, ref):
+        assert_close(o, r, 1e-2)
+    sum((o * u.float()).sum() for o, u in zip(outs, upstream)).backward()
+    assert_close(h.grad, ref_dh, 1e-2)
+    assert_close(w.grad, ref_dw, 1e-2)
+    with torch.no_grad():
+        assert_close(linear_logprobs(hidden, weight, targets, impl=impl), ref[0], 1e-2)
+    none = linear_cross_entropy(hidden, weight, targets, reduction="none", impl=impl)
+    assert_close(none, -ref[0], 1e-2)
+
+
+def test_no_grad_logprobs_are_one_matmul_and_no_gradient_buffers(monkeypatch):
+    """The DPO reference / GRPO old-policy pass: 2NHV FLOPs (the logits matmul, then the row-stats kernel), and no
+    tensor of the inputs' shapes (a dX or dW buffer) is ever created."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _no_tiles(monkeypatch)
+    N, H, V = 48, 24, 70
+    hidden, weight, targets, _ = make_inputs(N, H, V, torch.float32, seed=33)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    shapes = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                shapes.append(tuple(out.shape))
+            return out
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, Shapes():
+        logp = linear_logprobs(hidden, weight, targets, stats=dict(chunk_size=16))
+    assert counter.get_total_flops() == 2 * N * H * V
+    assert (N, H) not in shapes and (V, H) not in shapes, shapes
+    assert_close(logp, reference(hidden.detach(), weight.detach(), targets)[0], 1e-5)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -261,7 +319,7 @@ def _vocab_parallel_worker(rank, world, port, impl):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "fused"])
 def test_vocab_parallel_gloo(impl):
     torch.multiprocessing.spawn(_vocab_parallel_worker, args=(2, run.free_port(), impl), nprocs=2, join=True)
 
@@ -279,3 +337,22 @@ def test_bench_script_cpu_smoke():
                                        "--reps", "1", "--no-compile"]))
     for r in rows:
         assert r["ms"] != "-" or r["note"].startswith("skipped"), r
+
+
+def test_kernel_modules_import_without_a_circle():
+    """rows.py <- chunked_loss.py <- linear_logprobs.py, one way (issue 28): the shared helpers and the
+    tensor-parallel combine live in rows.py, which imports neither loss module."""
+    import ast
+    import pathlib
+
+    kdir = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+
+    def imports(name):
+        tree = ast.parse((kdir / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+
+    assert imports("rows") == set()
+    assert imports("chunked_loss") == {"rows"}
+    assert imports("linear_logprobs") == {"rows", "chunked_loss"}
+    combines = [p.name for p in kdir.glob("*.py") if "ReduceOp.MAX" in p.read_text()]
+    assert combines == ["rows.py"]

@@ -1,7 +1,9 @@
-"""Every Triton kernel of nanotulu compiled for sm_90a (H100/H200) by the real Triton compiler, no GPU needed,
-at the configurations its launchers use on a GPU: none may spill to local memory (stack bytes > 0), and the tile
-kernels must use Hopper's wgmma. Runs `python -m nanotulu.kernels.report --json` in a subprocess without
-TRITON_INTERPRET (conftest.py sets it for the other tests; interpreted kernels cannot be compiled)."""
+"""Every Triton kernel of nanotulu compiled for sm_90a (H100/H200) by the real Triton compiler, no GPU needed, at
+the configurations its launchers use on a GPU and with a real launch's specialisations (aligned pointers, sizes
+divisible by 16): none may spill to local memory (stack bytes > 0), and the tile kernels must use Hopper's wgmma.
+Runs `python -m nanotulu.kernels.report --json` in a subprocess without TRITON_INTERPRET (conftest.py sets it for
+the other tests; interpreted kernels cannot be compiled).
+"""
 import json
 import os
 import subprocess
@@ -39,3 +41,16 @@ def test_tile_kernels_use_wgmma(report):
     for r in rows:
         if r["kernel"].startswith("linear_logprobs."):
             assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
+
+
+def test_report_compiles_what_a_launch_runs(report):
+    """With a launch's specialisations (aligned pointers, sizes divisible by 16) the tile kernels pipeline their
+    loads (cp.async) and the row kernels load 16 bytes at a time; the unhinted compile shows neither, so these
+    fail if the report stops passing them."""
+    rows, _ = report
+    assert all(r["hinted"] for r in rows)
+    for r in rows:
+        if r["kernel"].startswith("linear_logprobs."):
+            assert r["cp_async"] > 0, r
+        else:
+            assert r["vector_loads"] > 0, r
