@@ -60,7 +60,7 @@ def parse_flags(cls, argv=None, preset=None):
     if preset:
         epilog = "with no --model (the embedded default), these replace the defaults above unless given: " + \
                  ", ".join(f"{k}={v}" for k, v in preset.items())
-    parser = argparse.ArgumentParser(description=cls.__doc__, epilog=epilog)
+    parser = FlagParser(description=cls.__doc__, epilog=epilog)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -135,9 +135,10 @@ def start(cls, preset, argv, data_kind, variant=None):
     check_input_paths(cfg)
     check_output_path(cfg.output_dir, "--output_dir", folder=True)
     rank, world, device = init_distributed()
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    check_before_load(cfg, world, device, use_bf16)
     open_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     return cfg, embedded, rank, world, device, use_bf16
 
 
@@ -209,6 +210,72 @@ def check_one_step(lengths, capacity, cfg, world, what="examples", len_flag="--m
                          f"of {cfg.batch_rows // dp} rows x {dp} ranks (--batch_rows {cfg.batch_rows}): lower {lower} "
                          f"or {len_flag} (shorter rows: more of them), or add data")
     return n_rows
+
+
+def check_before_load(cfg, world, device, use_bf16):
+    """What the process count, the device and the model's config.json already decide, checked before any data is
+    tokenized or weight read (an 8B model is 16-32 GB to read before a late error): the mesh shape against the
+    world size, the attention backend against device and dtype, the sequence length against the model's."""
+    from nanotulu import parallel
+
+    parallel.mesh_shape(world, cfg.dp_shard, cfg.tp, cfg.dp_replicate)
+    check_attn_backend(cfg.attn_backend, device, use_bf16)
+    check_seq_len(cfg)
+
+
+def check_attn_backend(name, device, use_bf16, training=True):
+    """An --attn_backend the user chose that cannot run here: FlexAttention trains on CUDA only (torch 2.13 has no
+    CPU backward for it: the first backward would fail), the varlen kernels (flash-attn's or torch's) need CUDA and
+    bf16/fp16 inputs. "auto" is model.pick_backend's choice, which only picks what runs."""
+    from nanotulu import model as M
+
+    fix = "use --attn_backend sdpa (or auto)"
+    if name == "flex" and device.type != "cuda" and training:
+        raise ValueError(f"--attn_backend flex: FlexAttention has no backward pass on {device.type} in torch "
+                         f"{torch.__version__.split('+')[0]}, so it cannot train here; {fix}")
+    if name in ("varlen", "flash"):
+        if device.type != "cuda":
+            raise ValueError(f"--attn_backend {name}: variable-length attention kernels need a CUDA GPU, this run is "
+                             f"on {device.type}; {fix}")
+        if not use_bf16:
+            raise ValueError(f"--attn_backend {name}: variable-length attention kernels take bf16/fp16 only, and this "
+                             "run computes in fp32; add --precision bf16, or use --attn_backend sdpa or flex")
+        if name == "flash" and not M._has_flash_attn():
+            raise ValueError(f"--attn_backend flash: the flash-attn package is not installed (pip install "
+                             f"'nanotulu[gpu]'); or use --attn_backend varlen (torch's own) or auto")
+        if not (M._has_flash_attn() or M._has_torch_varlen()):
+            raise ValueError(f"--attn_backend varlen: neither flash-attn nor torch's varlen attention (torch >= 2.9) "
+                             f"is available; use --attn_backend flex or auto")
+
+
+def sequence_length(cfg):
+    """The longest sequence (positions 0..n-1 of one document) a trainer's flags allow -> (n, the flags that say
+    so)."""
+    if hasattr(cfg, "max_seq_len"):
+        return cfg.max_seq_len, f"--max_seq_len {cfg.max_seq_len}"
+    n = cfg.max_prompt_len + cfg.max_new_tokens
+    return n, f"--max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = {n}"
+
+
+def check_seq_len(cfg):
+    """The sequence length of the flags within the model's max_position_embeddings (config.json of --model; the
+    embedded model's with none): longer positions were never trained (and with llama3 RoPE scaling lie past the
+    range the scaling was made for)."""
+    from nanotulu.embedded import EMBEDDED_MODEL
+
+    n, flags = sequence_length(cfg)
+    where = "the embedded model"
+    limit = EMBEDDED_MODEL.max_position_embeddings
+    if cfg.model:
+        where = os.path.join(cfg.model, "config.json")
+        try:
+            with open(where) as f:
+                limit = json.load(f).get("max_position_embeddings")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(limit, int) and n > limit:
+        raise ValueError(f"{flags}: longer than the model's max_position_embeddings {limit} ({where}); lower it to "
+                         f"{limit} at most")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -660,3 +727,72 @@ def optimizer_step(model, optimizer, lr, max_grad_norm):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line's end: a user error is one clear message, the last thing the user reads
+
+
+class UsageError(ValueError):
+    """A flag the parser refuses (unknown, malformed value): raised instead of argparse's exit, so that run_script
+    reports it like every other user error (and a caller of main(argv) can catch it)."""
+
+
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see {os.path.basename(self.prog)} --help)")
+
+
+# What counts as the user's error: every check of flags, paths, data and checkpoints raises one of these with a
+# message naming the flag, file, line or field. Anything else (a bug, CUDA out of memory) keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError)
+
+
+def debug_wanted(argv):
+    """--debug on the command line (removed from argv) or NANOTULU_DEBUG=1: user errors keep their traceback."""
+    wanted = os.environ.get("NANOTULU_DEBUG", "").lower() not in ("", "0", "false", "no", "off")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        wanted = True
+    return wanted
+
+
+def run_script(main):
+    """Every script's `if __name__ == "__main__"`: main(), with a user error (USER_ERRORS) printed as one line,
+    `error: <message>`, with no traceback, and exit status 1 (2 for a refused flag, as argparse).
+
+    Under torchrun the message must also survive the launcher. torchrun (torch 2.13) starts each rank as a child
+    process; when one exits non-zero, the launcher itself fails: it logs "failed (exitcode: 1) local_rank: 0 ...",
+    prints its own Python traceback (run.py -> launch_agent -> ChildFailedError, ~15 lines) and then the
+    ChildFailedError block, whose last field, "traceback :", is the only place a child can fill: the launcher reads
+    it from the JSON file named by TORCHELASTIC_ERROR_FILE in the child's environment ({"message": {"message",
+    "extraInfo": {"py_callstack", "timestamp"}}}, as torch.distributed.elastic's @record writes it; without that
+    file the field says "To enable traceback see: https://pytorch.org/..."). So each rank writes that file with
+    the message alone as its "py_callstack": the block's root cause (the first rank to fail) then ends with
+    `traceback : error: <message>`, followed only by the block's closing "====" line. Nothing a child does can
+    come after the launcher's own output (short of exiting 0, which would tell scripts the run succeeded). The
+    child's own line comes first, printed by rank 0 only (every rank raises the same check), without the
+    "[rank0]:" prefix torch.distributed's excepthook would add to a traceback.
+
+    --debug (anywhere on the command line) or NANOTULU_DEBUG=1 re-raises instead: the full traceback."""
+    import time
+
+    debug = debug_wanted(sys.argv)
+    try:
+        main()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = f"error: {e}"
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:
+            record = {"message": {"message": f"{type(e).__name__}: {e}",
+                                  "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+            with open(error_file, "w") as f:
+                json.dump(record, f)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(message, file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()  # no warning about an undestroyed group after the message
+        sys.stdout.flush()
+        os._exit(2 if isinstance(e, UsageError) else 1)  # no atexit output (tqdm, process-group teardown) after it

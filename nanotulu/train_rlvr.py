@@ -637,4 +637,4 @@ def data_prompts(rows, tok, template):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

@@ -196,4 +196,4 @@ def main(argv=None, finish=True):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)
