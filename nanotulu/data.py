@@ -18,6 +18,7 @@ import os
 import re
 
 import jinja2
+import jinja2.ext
 import numpy as np
 
 from nanotulu.packing import IGNORE_INDEX, make_row, pack, padding_waste, shift_labels  # noqa: F401 (re-exported)
@@ -324,6 +325,18 @@ def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
 
+class _GenerationBlocks(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}: how transformers' chat templates mark the assistant text that
+    apply_chat_template(..., return_assistant_tokens_mask=True) reports. Rendered as its body: nanotulu's masks
+    come from prefix renders (tokenize_sft), and tests/test_templates.py checks them against transformers' masks
+    for templates with such blocks."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @functools.lru_cache(maxsize=16)
 def _compile_jinja(template):
     # The environment Hugging Face renders chat templates in: sandboxed, trim_blocks + lstrip_blocks, loop
@@ -331,7 +344,8 @@ def _compile_jinja(template):
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                         extensions=[loopcontrols, _GenerationBlocks])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = _raise_exception
@@ -404,6 +418,18 @@ def resolve_template(flag, tok):
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"--template {flag}: the chat template does not compile ({e})") from e
     return text
+
+
+def describe_template(flag, template, tok):
+    """One line saying which chat template a run uses and why (every trainer prints it: a template replaced
+    silently changes what the model learns and what its export says)."""
+    if flag not in (None, ""):
+        return f"template: {'tulu' if template == 'tulu' else 'Jinja'} (--template {flag})"
+    if template != "tulu":
+        return f"template: the checkpoint's own chat_template ({tok.name}; --template tulu for Tulu 3's)"
+    if tok.chat_template is None:
+        return f"template: tulu (the tokenizer {tok.name!r} has no chat_template of its own)"
+    return "template: tulu (the checkpoint's own)"
 
 
 def jinja_template(template):

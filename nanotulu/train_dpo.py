@@ -468,6 +468,8 @@ def main(argv=None, finish=True):
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
+    if rank == 0:
+        print(data.describe_template(cfg.template, template, tok))
     pairs = load_data(cfg, is_embedded, tok, template, rank)
     eval_pairs = load_data(cfg, is_embedded, tok, template, rank, mix=cfg.eval_data) if cfg.eval_data else []
     capacity = 2 * cfg.max_seq_len  # a row holds at least one whole pair

@@ -562,6 +562,8 @@ def main(argv=None, finish=True):
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
+    if rank == 0:
+        print(data.describe_template(cfg.template, template, tok))
     tasks, prompts, eval_rows = load_tasks(cfg, is_embedded, tok, template)
     check_prompts_per_step(cfg, len(tasks), world)
     model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model

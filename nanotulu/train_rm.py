@@ -148,6 +148,8 @@ def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(RMConfig, EMBEDDED_PRESET, argv, "preference")
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
+    if rank == 0:
+        print(data.describe_template(cfg.template, template, tok))
     pairs, held = load_data(cfg, is_embedded, tok, template, rank)
     capacity = 2 * cfg.max_seq_len
     common.check_one_step([pair_length(p) for p in pairs], capacity, cfg, world, what="pairs")

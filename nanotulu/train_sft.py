@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanotulu import checkpoint, common, data, embedded, losses
-from nanotulu.data import TEMPLATE_HELP
+from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.model import build_model, num_flops_per_token, resize_vocab
 
 
@@ -28,7 +28,7 @@ class SFTConfig(common.RunFlags):
     model: str = field(default="", metadata={"help": "HF model directory; empty: the embedded tiny Llama"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer directory or 'byte'; empty: the model's"})
     data: str = field(default="", metadata={"help": "mix 'file[:amount],...' (amount: 0.5 = fraction, 500 = rows)"})
-    template: str = field(default="tulu", metadata={"help": TEMPLATE_HELP})
+    template: str = field(default="", metadata={"help": TEMPLATE_HELP_OWN})
     eval_data: str = field(default="", metadata={"help": "held-out mix, as --data: its loss logged as eval/loss"})
     eval_every: int = field(default=0, metadata={"help": "held-out loss every N steps and at the end (0: at the end)"})
     output_dir: str = "runs/sft"
@@ -102,6 +102,8 @@ def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)
+    if rank == 0:
+        print(data.describe_template(cfg.template, template, tok))
     examples = load_data(cfg, is_embedded, tok, template, rank)
     common.check_one_step([data.sft_length(e) for e in examples], cfg.max_seq_len, cfg, world)
     eval_examples = load_data(cfg, is_embedded, tok, template, rank, mix=cfg.eval_data) if cfg.eval_data else []
