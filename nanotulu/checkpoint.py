@@ -162,7 +162,9 @@ def save_hf(model, out_dir, tok=None, template="tulu", rank=0):
         model.save_pretrained(out_dir, state_dict=sd)
         if tok is not None and hasattr(tok, "save"):
             tok.save(out_dir, template)
-            ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+            ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+            if tok.pad_token is not None:  # a declared pad only (the EOS filling packed rows is no pad token)
+                ids["pad_token_id"] = tok.pad_token_id
             config_path = os.path.join(out_dir, "config.json")
             with open(config_path) as f:
                 config = json.load(f)

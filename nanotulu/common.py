@@ -623,12 +623,15 @@ def make_mesh(cfg, world, device):
 
 
 def load_model(path, tok, device, cfg, score_head=None):
-    """An HF checkpoint in fp32 (master weights), embeddings grown to the tokenizer's vocabulary.
-    score_head: see Llama.from_pretrained (True: a reward / value model)."""
+    """An HF checkpoint in fp32 (master weights); embeddings grown only for a tokenizer with more token ids than
+    the model has rows (the vocabulary is kept otherwise). score_head: see Llama.from_pretrained (True: a reward /
+    value model)."""
     from nanotulu.model import Llama, resize_vocab
 
     m = Llama.from_pretrained(path, dtype=torch.float32, device=device, attn_backend=cfg.attn_backend,
                               score_head=score_head)
+    if getattr(tok, "n_ids", tok.vocab_size) <= m.cfg.vocab_size:
+        return m
     return resize_vocab(m, max(tok.vocab_size, m.cfg.vocab_size))
 
 

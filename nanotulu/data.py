@@ -184,7 +184,7 @@ class HFTokenizer:
     (eos/bos/pad tokens, chat_template; or a chat_template.jinja file beside it)."""
 
     def __init__(self, directory):
-        from tokenizers import AddedToken, Tokenizer
+        from tokenizers import Tokenizer
 
         json_path = os.path.join(directory, "tokenizer.json")
         config_path = os.path.join(directory, "tokenizer_config.json")
@@ -218,17 +218,16 @@ class HFTokenizer:
         self.name = directory
         self.eos_token, self.eos_token_id = token_id("eos_token", required=True)
         self.bos_token, self.bos_token_id = token_id("bos_token", required=False)
+        # The pad token as the checkpoint declares it (None: none; often the EOS). No token is added: packed rows
+        # fill their tails with pad_token_id at positions no loss reads (targets -100) and no attention of a real
+        # document sees, so any id serves, and the vocabulary (the embedding shape of the base model, which
+        # adapters, merges and draft models rely on) stays. Without a declared pad, the EOS id fills the tails.
         self.pad_token, self.pad_token_id = token_id("pad_token", required=False)
-        self.added_pad = False
-        if self.pad_token_id is None or self.pad_token_id == self.eos_token_id:
-            # docs/RECIPE.md: Llama 3 has no pad token; add <pad> (pad must differ from EOS).
-            self.pad_token = "<pad>"
-            if self._tok.token_to_id("<pad>") is None:
-                self._tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
-                self.added_pad = True
-            self.pad_token_id = self._tok.token_to_id("<pad>")
-        # Embedding rows needed: one past the largest id, rounded up to a multiple of 8.
-        self.vocab_size = _round_up(max(self._tok.get_vocab(with_added_tokens=True).values()) + 1, 8)
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+        # Token ids in use (one past the largest); the embedding grows only when the model has fewer rows.
+        self.n_ids = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.vocab_size = _round_up(self.n_ids, 8)
 
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: HF uses the one named "default"
@@ -244,20 +243,17 @@ class HFTokenizer:
         self.config = config  # tokenizer_config.json as read: save_hf writes it back with what training used
 
     def save(self, directory, template):
-        """Writes tokenizer.json (with any <pad> added here) and tokenizer_config.json / special_tokens_map.json
-        naming the tokens actually used (eos, bos, pad) and `template` (render_chat's: "tulu" or Jinja text) as
-        chat_template, so transformers and vLLM load the tokenizer the model was trained with."""
+        """Writes tokenizer.json and tokenizer_config.json / special_tokens_map.json as read (the same vocabulary
+        and special tokens) with `template` (render_chat's: "tulu" or Jinja text) as chat_template, so
+        transformers and vLLM load the tokenizer the model was trained with."""
         self._tok.save(os.path.join(directory, "tokenizer.json"))
         config = dict(self.config)
-        special = {"eos_token": self.eos_token, "pad_token": self.pad_token}
-        if self.bos_token is not None:
-            special["bos_token"] = self.bos_token
+        special = {"eos_token": self.eos_token}
+        for name, token in (("bos_token", self.bos_token), ("pad_token", self.pad_token)):
+            if token is not None:
+                special[name] = token
         config.update(special)
         config["chat_template"] = jinja_template(template)
-        if self.added_pad and isinstance(config.get("added_tokens_decoder"), dict):
-            config["added_tokens_decoder"] = {**config["added_tokens_decoder"], str(self.pad_token_id): {
-                "content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                "special": True}}
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
         with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:

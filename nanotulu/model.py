@@ -99,13 +99,20 @@ def config_from_hf(d, source="config.json"):
         if required not in d:
             raise ValueError(f"{source}: missing field {required!r}")
     kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
-    extra = {k: v for k, v in d.items() if k not in known and k not in ("rope_scaling", "rope_parameters")}
+    # rope_parameters (transformers 5) stays in extra: config_to_hf writes it back in that form
+    extra = {k: v for k, v in d.items() if k not in known and k != "rope_scaling"}
     return LlamaConfig(**kwargs, rope_scaling=rs, extra=extra)
 
 
 def config_to_hf(cfg):
+    """LlamaConfig -> config.json: the fields read (config_from_hf's extra) written back, RoPE in the form the
+    input had (transformers 5's rope_parameters, or rope_theta + rope_scaling)."""
     d = {k: v for k, v in cfg.extra.items() if k not in ("dtype", "torch_dtype", "transformers_version")}
     d.update({k: v for k, v in asdict(cfg).items() if k != "extra"})
+    if "rope_parameters" in d:
+        rope = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+        d["rope_parameters"] = {**d["rope_parameters"], **rope, "rope_theta": cfg.rope_theta}
+        del d["rope_theta"], d["rope_scaling"]
     d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", attention_bias=False,
              mlp_bias=False, attention_dropout=0.0)
     return d
