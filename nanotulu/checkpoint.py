@@ -153,8 +153,9 @@ def full_state_dict(model):
 
 
 def save_hf(model, out_dir, tok=None, template="tulu", rank=0):
-    """Final Hugging Face checkpoint (gathered from shards). With an HF tokenizer (data.HFTokenizer), also its files
-    as training used them: tokenizer.json with any <pad> added, tokenizer_config.json holding `template` (the chat
+    """Final Hugging Face checkpoint (gathered from shards). With a tokenizer (data.HFTokenizer, or the embedded
+    ByteTokenizer written as an equivalent tokenizer.json), also its files as training used them: tokenizer.json,
+    tokenizer_config.json holding `template` (the chat
     template trained with, as Jinja) and the eos/bos/pad tokens; config.json and generation_config.json name the
     same token ids, so transformers' generate stops where nanotulu's does."""
     sd = full_state_dict(model)

@@ -593,13 +593,13 @@ def exit_if_asked(cfg, step):
 
 
 def finish_run(cfg, model, is_embedded, tok, rank, finish=True, template="tulu"):
-    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer of a real
-    model as trained: its pad token and the chat `template` used), then the process group closed unless the caller
+    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer as trained:
+    its files and the chat `template` used), then the process group closed unless the caller
     runs more stages in this process."""
     from nanotulu import checkpoint
 
     out = os.path.join(cfg.output_dir, "final")
-    checkpoint.save_hf(model, out, tok=None if is_embedded else tok, template=template, rank=rank)
+    checkpoint.save_hf(model, out, tok=tok, template=template, rank=rank)
     if rank == 0:
         print(f"saved {out}")
         release_run_dir(cfg.output_dir)
@@ -799,3 +799,20 @@ def run_script(main):
             dist.destroy_process_group()  # no warning about an undestroyed group after the message
         sys.stdout.flush()
         os._exit(2 if isinstance(e, UsageError) else 1)  # no atexit output (tqdm, process-group teardown) after it
+
+
+def finished_run(cfg, rank, finish=True):
+    """A rerun of a finished run is not trained again: with --resume on, a written output_dir/final (open_run_dir
+    has refused the rerun already if its flags differ) means the run is done, whatever its checkpoints/ hold (none
+    when --save_every exceeds its steps, which used to retrain it from step 0). Returns the path of that final/
+    (the trainer returns it at once), or None: train."""
+    out = os.path.join(cfg.output_dir, "final")
+    if not (cfg.resume and os.path.isfile(os.path.join(out, "config.json"))):
+        return None
+    if rank == 0:
+        print(f"{cfg.output_dir}: finished already ({out}, written with these flags): nothing to train; "
+              "--resume false trains it again")
+        release_run_dir(cfg.output_dir)
+    if finish:
+        finish_distributed()
+    return out

@@ -155,6 +155,25 @@ class ByteTokenizer:
                 ids.extend(piece.encode("utf-8"))
         return ids
 
+    def save(self, directory, template):
+        """tokenizer.json / tokenizer_config.json that transformers' AutoTokenizer (and vLLM) load, encoding exactly
+        as this class: a byte-level BPE with no merges (each UTF-8 byte one token, id = the byte, spelled in
+        GPT-2's byte-to-character map) and the specials as added tokens 256-258. load_tokenizer reads the
+        directory back as this class (tokenizer_config.json's "nanotulu_tokenizer": "byte")."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        tok = Tokenizer(models.BPE(vocab={c: b for b, c in _byte_chars().items()}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.SPECIALS])
+        tok.save(os.path.join(directory, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "nanotulu_tokenizer": "byte",
+                  "eos_token": self.eos_token, "pad_token": self.pad_token, "bos_token": self.bos_token,
+                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                  "model_max_length": 2048, "chat_template": jinja_template(template)}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
     def decode(self, ids, skip_special_tokens=False):
         out, run = [], bytearray()
         for i in ids:
@@ -170,6 +189,14 @@ class ByteTokenizer:
                 out.append(self.id_to_special[i])
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
+
+
+def _byte_chars():
+    """byte -> the printable character byte-level BPE tokenizers spell it with (GPT-2's map: printable Latin-1
+    bytes stand for themselves, the others for 256, 257, ... in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 def _token_content(value):
@@ -269,10 +296,19 @@ class HFTokenizer:
 
 
 def load_tokenizer(path_or_name):
-    """'byte' -> the embedded ByteTokenizer; a directory -> HFTokenizer(directory)."""
+    """'byte' -> the embedded ByteTokenizer; a directory -> HFTokenizer(directory), or the ByteTokenizer (with the
+    chat template trained with) for an embedded model's export."""
     if path_or_name == "byte":
         return ByteTokenizer()
     if os.path.isdir(path_or_name):
+        config_path = os.path.join(path_or_name, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                text = f.read()
+            if '"nanotulu_tokenizer": "byte"' in text:  # an embedded model's export (ByteTokenizer.save)
+                tok = ByteTokenizer()
+                tok.chat_template = json.loads(text).get("chat_template")
+                return tok
         return HFTokenizer(path_or_name)
     raise FileNotFoundError(f"tokenizer {path_or_name!r}: neither 'byte' nor a directory with tokenizer.json")
 

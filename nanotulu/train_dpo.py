@@ -465,6 +465,8 @@ def held_out_metrics(model, rows, ref_logps, loss_kwargs, micro_batch_rows, devi
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
+    if done := common.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
+        return done
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work

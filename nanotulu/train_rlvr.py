@@ -559,6 +559,8 @@ def step_metrics(loss_sums, rew, scores, outs, equal, finished, vstats, grad_nor
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, embedded_preset, argv, "RLVR",
                                                                    variant=variant_defaults)
+    if done := common.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
+        return done
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work

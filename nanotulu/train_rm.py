@@ -146,6 +146,8 @@ def load_data(cfg, is_embedded, tok, template, rank):
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(RMConfig, EMBEDDED_PRESET, argv, "preference")
+    if done := common.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
+        return done
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     if rank == 0:

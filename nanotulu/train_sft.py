@@ -100,6 +100,8 @@ def load_data(cfg, is_embedded, tok, template, rank, mix=None):
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
+    if done := common.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
+        return done
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)
     if rank == 0:
