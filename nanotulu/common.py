@@ -50,6 +50,8 @@ class RunFlags:
                                                                          "written), tensorboard, wandb"})
     exit_after_steps: int = dataclasses.field(default=-1, metadata={"help": "testing: exit abruptly after N "
                                                                             "steps (as a kill would)"})
+    threads: int = dataclasses.field(default=0, metadata={"help": "CPU threads of each process (0: the physical "
+                                                              "cores / processes per node; embedded: 2)"})
 
 
 def parse_flags(cls, argv=None, preset=None):
@@ -127,8 +129,8 @@ def start(cls, preset, argv, data_kind, variant=None):
     cfg = resolve_flags(cls, preset, argv, variant)
     open_reporters(cfg.report_to, None)  # an unknown logger or a missing package fails before any work
     embedded = not cfg.model
-    if embedded and torch.get_num_threads() != EMBEDDED_THREADS and not torch.cuda.is_available():
-        torch.set_num_threads(EMBEDDED_THREADS)  # the embedded results depend on it (see EMBEDDED_THREADS)
+    # the embedded results depend on the thread count (see EMBEDDED_THREADS); any other run gets the cores
+    set_threads(cfg.threads or (EMBEDDED_THREADS if embedded and not torch.cuda.is_available() else 0))
     if not embedded and not cfg.data:
         raise ValueError(f"--data is required with --model ({data_kind} files; the shipped toy data is for the "
                          "embedded default only)")
@@ -285,7 +287,7 @@ def check_seq_len(cfg):
 # Flags a resumed run may change: when to stop and save, and how (not what) it computes. Any other difference
 # (--lr, --model, --data, --max_steps: the lr schedule depends on it, ...) is another run.
 RESUMABLE_CHANGES = ("resume", "exit_after_steps", "save_every", "eval_every", "verify_workers", "compile",
-                     "activation_checkpointing")
+                     "activation_checkpointing", "threads")
 
 _RUN_LOCKS = {}  # absolute output_dir -> its open, locked .lock file (held until release_run_dir or exit)
 
@@ -816,3 +818,45 @@ def finished_run(cfg, rank, finish=True):
     if finish:
         finish_distributed()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU threads
+
+
+def cpu_cores(physical=True):
+    """CPU cores this process may use: the CPUs of its affinity mask, within the container's CPU quota (cgroup v2
+    cpu.max), counting hyper-threads of one core once when `physical` (two threads on one core share its vector
+    units: matmuls gain nothing, and each extra thread adds synchronisation)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    n = len(cpus)
+    if physical:
+        cores = set()
+        try:
+            for c in cpus:
+                topo = f"/sys/devices/system/cpu/cpu{c}/topology/"
+                with open(topo + "core_id") as f, open(topo + "physical_package_id") as g:
+                    cores.add((g.read().strip(), f.read().strip()))
+            n = len(cores)
+        except OSError:
+            pass  # no sysfs topology: every CPU counts
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads(n=0):
+    """torch's CPU threads: n, or with n = 0 the physical cores shared by the processes torchrun started on this
+    node (LOCAL_WORLD_SIZE). Applied by every trainer: torch's own default (all logical CPUs; 1 per process under
+    torchrun with several) oversubscribes a shared or hyper-threaded machine, where an SFT step can take 50x
+    longer while threads wait on each other. Returns the count set."""
+    if n <= 0:
+        n = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

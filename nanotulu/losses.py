@@ -36,15 +36,21 @@ def loss_head(fn, targets, impl="auto", tp_group=None, **kw):
             if fn == "logprobs":
                 return logps
             return -logps.sum()
-        h = hidden.reshape(-1, hidden.shape[-1])
+        h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         if h.dtype != weight.dtype:
             h = h.to(weight.dtype)
+        if fn == "cross_entropy_sum" and h.device.type == "cpu":
+            # CPU: only the positions with a target meet the (H x V) output weight; prompt, padding and each
+            # document's last position (-100: 30-60% of an SFT row) would add 6 H V FLOPs each for a zero. Counting
+            # them reads a tensor back to the host: free on a CPU, a stall of the stream on a GPU (left as is there).
+            keep = (t != -100).nonzero().squeeze(1)
+            h, t = h.index_select(0, keep), t.index_select(0, keep)
         if fused:
-            out = chunked_loss.fused_linear_loss(h, weight, targets.reshape(-1), row_impl=row_impl, **kw)
+            out = chunked_loss.fused_linear_loss(h, weight, t, row_impl=row_impl, **kw)
             return out[0] if fn == "cross_entropy_sum" else out
         if fn == "cross_entropy_sum":
-            return tiles.linear_cross_entropy(h, weight, targets.reshape(-1), reduction="sum", impl=impl)
-        return tiles.linear_logprobs(h, weight, targets.reshape(-1), impl=impl, **kw)
+            return tiles.linear_cross_entropy(h, weight, t, reduction="sum", impl=impl)
+        return tiles.linear_logprobs(h, weight, t, impl=impl, **kw)
 
     return head
 

@@ -60,7 +60,8 @@ class DPOConfig(common.RunFlags):
     micro_batch_rows: int = field(default=1, metadata={"help": "packed rows per forward/backward on each rank"})
     ref_mode: str = field(default="cached", metadata={"help": "cached (one no-grad pass, on disk) | online"})
     ref_cache_dir: str = field(default="~/.cache/nanotulu/ref_logps", metadata={"help": "reference cache folder"})
-    tokenize_workers: int = field(default=8, metadata={"help": "processes tokenizing the data (0/1: in-process)"})
+    tokenize_workers: int = field(default=8, metadata={"help": "processes tokenizing the data, at most the CPUs "
+                                                                  "(0/1: in-process)"})
     data_cache_dir: str = field(default="~/.cache/nanotulu/tokenized", metadata={
         "help": "tokenized-data cache shared by runs and ranks (must be shared by all nodes; '': none)"})
     save_every: int = 200

@@ -34,7 +34,8 @@ class SFTConfig(common.RunFlags):
     output_dir: str = "runs/sft"
     max_seq_len: int = field(default=4096, metadata={"help": "row capacity in tokens; longer examples truncated"})
     truncate: bool = field(default=True, metadata={"help": "truncate over-long examples (false: drop them)"})
-    tokenize_workers: int = field(default=8, metadata={"help": "processes tokenizing the data (0/1: in-process)"})
+    tokenize_workers: int = field(default=8, metadata={"help": "processes tokenizing the data, at most the CPUs "
+                                                                  "(0/1: in-process)"})
     data_cache_dir: str = field(default="~/.cache/nanotulu/tokenized", metadata={
         "help": "tokenized-data cache shared by runs and ranks (must be shared by all nodes; '': none)"})
     epochs: int = 2
