@@ -218,7 +218,8 @@ class HFTokenizer:
         for p in (json_path, config_path):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"{p}: no such file (a tokenizer directory needs tokenizer.json and "
-                                        "tokenizer_config.json)")
+                                        "tokenizer_config.json; a checkpoint of the embedded model written before "
+                                        "its exports carried them: --tokenizer byte)")
         try:
             self._tok = Tokenizer.from_file(json_path)
         except Exception as e:
