@@ -18,9 +18,7 @@ that load from other processes on the machine falls on both alike.
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -117,7 +115,8 @@ def profile(step, top):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM-135M: 30)")
     p.add_argument("--vocab", type=int, default=49152, help="vocabulary (SmolLM-135M: 49152)")
     p.add_argument("--docs", type=int, default=32, help="documents per optimizer step")
@@ -165,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

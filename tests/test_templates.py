@@ -80,8 +80,8 @@ def make_tokenizer_dir(directory, chat_template, eos, bos=None, pad=None):
     return str(directory)
 
 
-@pytest.mark.parametrize("template,eos,bos", [(CHATML, "<|im_end|>", None), (LLAMA3, "<|eot_id|>", "<|begin_of_text|>")],
-                         ids=["chatml", "llama3"])
+@pytest.mark.parametrize("template,eos,bos", [(CHATML, "<|im_end|>", None),
+                                              (LLAMA3, "<|eot_id|>", "<|begin_of_text|>")], ids=["chatml", "llama3"])
 def test_masks_equal_transformers_assistant_masks(tmp_path, template, eos, bos):
     from transformers import AutoTokenizer
 
