@@ -49,7 +49,7 @@ def make_docs(n, doc_len, row_len, vocab, prompt_frac, seed=0):
 
 
 def nanotulu_side(cfg, docs, row_len, lr):
-    """-> step(): one optimizer step over all `docs`, as train_sft runs it on one CPU process."""
+    """-> (model, step(), rows): one optimizer step over all `docs`, as train_sft runs it on one CPU process."""
     model = build_model(cfg, seed=0)
     flags = SFTConfig(lr=lr)
     bins = data.pack([len(d["input_ids"]) for d in docs], row_len)  # best-fit decreasing, as PackedLoader
@@ -66,7 +66,7 @@ def nanotulu_side(cfg, docs, row_len, lr):
 
 
 def transformers_side(cfg, state_dict, docs, batch, lr):
-    """-> step(): one optimizer step over all `docs` in a plain transformers loop (padded micro-batches)."""
+    """-> (model, step()): one optimizer step over all `docs` in a plain transformers loop (padded micro-batches)."""
     import transformers
 
     hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -102,7 +102,7 @@ def transformers_side(cfg, state_dict, docs, batch, lr):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return model, step
 
 
 def profile(step, top):
@@ -135,7 +135,7 @@ def main(argv=None):
     real = sum(len(d["input_ids"]) for d in docs)
 
     model, nt_step, n_rows = nanotulu_side(cfg, docs, args.row_len, lr=1e-5)
-    hf_step = transformers_side(cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}, docs,
+    _, hf_step = transformers_side(cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}, docs,
                                 args.hf_batch, lr=1e-5)
     times = {"nanotulu": [], "transformers": []}
     for i in range(args.warmup + args.steps):
