@@ -36,6 +36,15 @@ def test_plain_python_bad_flag_ends_with_one_line():
     assert lines(p.stderr) == ["error: unrecognized arguments: --bad (see train_sft.py --help)"]
 
 
+def test_torchrun_bad_flag_is_the_last_line():
+    p = torchrun(["nanotulu/train_sft.py", "--bad"])
+    assert p.returncode != 0
+    msg = "error: unrecognized arguments: --bad (see train_sft.py --help)"
+    out = lines(p.stdout + p.stderr)
+    assert out[-1].strip("=") == "" and out[-2].strip() == "traceback : " + msg, "\n".join(out[-6:])
+    assert msg in lines(p.stderr) and "nanotulu/common.py" not in p.stderr
+
+
 def test_torchrun_user_error_is_the_last_line(tmp_path):
     """torchrun's launcher prints its own traceback and ChildFailedError block after a child fails, whatever the
     child does; the child fills the block's last field ("traceback :") through TORCHELASTIC_ERROR_FILE, so the
