@@ -153,8 +153,9 @@ def full_state_dict(model):
 
 
 def save_hf(model, out_dir, tok=None, template="tulu", rank=0):
-    """Final Hugging Face checkpoint (gathered from shards). With an HF tokenizer (data.HFTokenizer), also its files
-    as training used them: tokenizer.json with any <pad> added, tokenizer_config.json holding `template` (the chat
+    """Final Hugging Face checkpoint (gathered from shards). With a tokenizer (data.HFTokenizer, or the embedded
+    ByteTokenizer written as an equivalent tokenizer.json), also its files as training used them: tokenizer.json,
+    tokenizer_config.json holding `template` (the chat
     template trained with, as Jinja) and the eos/bos/pad tokens; config.json and generation_config.json name the
     same token ids, so transformers' generate stops where nanotulu's does."""
     sd = full_state_dict(model)
@@ -162,7 +163,9 @@ def save_hf(model, out_dir, tok=None, template="tulu", rank=0):
         model.save_pretrained(out_dir, state_dict=sd)
         if tok is not None and hasattr(tok, "save"):
             tok.save(out_dir, template)
-            ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+            ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+            if tok.pad_token is not None:  # a declared pad only (the EOS filling packed rows is no pad token)
+                ids["pad_token_id"] = tok.pad_token_id
             config_path = os.path.join(out_dir, "config.json")
             with open(config_path) as f:
                 config = json.load(f)

@@ -18,6 +18,7 @@ import os
 import re
 
 import jinja2
+import jinja2.ext
 import numpy as np
 
 from nanotulu.packing import IGNORE_INDEX, make_row, pack, padding_waste, shift_labels  # noqa: F401 (re-exported)
@@ -154,6 +155,25 @@ class ByteTokenizer:
                 ids.extend(piece.encode("utf-8"))
         return ids
 
+    def save(self, directory, template):
+        """tokenizer.json / tokenizer_config.json that transformers' AutoTokenizer (and vLLM) load, encoding exactly
+        as this class: a byte-level BPE with no merges (each UTF-8 byte one token, id = the byte, spelled in
+        GPT-2's byte-to-character map) and the specials as added tokens 256-258. load_tokenizer reads the
+        directory back as this class (tokenizer_config.json's "nanotulu_tokenizer": "byte")."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        tok = Tokenizer(models.BPE(vocab={c: b for b, c in _byte_chars().items()}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.SPECIALS])
+        tok.save(os.path.join(directory, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "nanotulu_tokenizer": "byte",
+                  "eos_token": self.eos_token, "pad_token": self.pad_token, "bos_token": self.bos_token,
+                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                  "model_max_length": 2048, "chat_template": jinja_template(template)}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
     def decode(self, ids, skip_special_tokens=False):
         out, run = [], bytearray()
         for i in ids:
@@ -171,6 +191,14 @@ class ByteTokenizer:
         return "".join(out)
 
 
+def _byte_chars():
+    """byte -> the printable character byte-level BPE tokenizers spell it with (GPT-2's map: printable Latin-1
+    bytes stand for themselves, the others for 256, 257, ... in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
 def _token_content(value):
     """tokenizer_config.json writes a special token as a string or as {"content": ..., ...}."""
     if isinstance(value, dict):
@@ -183,14 +211,15 @@ class HFTokenizer:
     (eos/bos/pad tokens, chat_template; or a chat_template.jinja file beside it)."""
 
     def __init__(self, directory):
-        from tokenizers import AddedToken, Tokenizer
+        from tokenizers import Tokenizer
 
         json_path = os.path.join(directory, "tokenizer.json")
         config_path = os.path.join(directory, "tokenizer_config.json")
         for p in (json_path, config_path):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"{p}: no such file (a tokenizer directory needs tokenizer.json and "
-                                        "tokenizer_config.json)")
+                                        "tokenizer_config.json; a checkpoint of the embedded model written before "
+                                        "its exports carried them: --tokenizer byte)")
         try:
             self._tok = Tokenizer.from_file(json_path)
         except Exception as e:
@@ -217,17 +246,16 @@ class HFTokenizer:
         self.name = directory
         self.eos_token, self.eos_token_id = token_id("eos_token", required=True)
         self.bos_token, self.bos_token_id = token_id("bos_token", required=False)
+        # The pad token as the checkpoint declares it (None: none; often the EOS). No token is added: packed rows
+        # fill their tails with pad_token_id at positions no loss reads (targets -100) and no attention of a real
+        # document sees, so any id serves, and the vocabulary (the embedding shape of the base model, which
+        # adapters, merges and draft models rely on) stays. Without a declared pad, the EOS id fills the tails.
         self.pad_token, self.pad_token_id = token_id("pad_token", required=False)
-        self.added_pad = False
-        if self.pad_token_id is None or self.pad_token_id == self.eos_token_id:
-            # docs/RECIPE.md: Llama 3 has no pad token; add <pad> (pad must differ from EOS).
-            self.pad_token = "<pad>"
-            if self._tok.token_to_id("<pad>") is None:
-                self._tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
-                self.added_pad = True
-            self.pad_token_id = self._tok.token_to_id("<pad>")
-        # Embedding rows needed: one past the largest id, rounded up to a multiple of 8.
-        self.vocab_size = _round_up(max(self._tok.get_vocab(with_added_tokens=True).values()) + 1, 8)
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+        # Token ids in use (one past the largest); the embedding grows only when the model has fewer rows.
+        self.n_ids = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.vocab_size = _round_up(self.n_ids, 8)
 
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: HF uses the one named "default"
@@ -243,20 +271,17 @@ class HFTokenizer:
         self.config = config  # tokenizer_config.json as read: save_hf writes it back with what training used
 
     def save(self, directory, template):
-        """Writes tokenizer.json (with any <pad> added here) and tokenizer_config.json / special_tokens_map.json
-        naming the tokens actually used (eos, bos, pad) and `template` (render_chat's: "tulu" or Jinja text) as
-        chat_template, so transformers and vLLM load the tokenizer the model was trained with."""
+        """Writes tokenizer.json and tokenizer_config.json / special_tokens_map.json as read (the same vocabulary
+        and special tokens) with `template` (render_chat's: "tulu" or Jinja text) as chat_template, so
+        transformers and vLLM load the tokenizer the model was trained with."""
         self._tok.save(os.path.join(directory, "tokenizer.json"))
         config = dict(self.config)
-        special = {"eos_token": self.eos_token, "pad_token": self.pad_token}
-        if self.bos_token is not None:
-            special["bos_token"] = self.bos_token
+        special = {"eos_token": self.eos_token}
+        for name, token in (("bos_token", self.bos_token), ("pad_token", self.pad_token)):
+            if token is not None:
+                special[name] = token
         config.update(special)
         config["chat_template"] = jinja_template(template)
-        if self.added_pad and isinstance(config.get("added_tokens_decoder"), dict):
-            config["added_tokens_decoder"] = {**config["added_tokens_decoder"], str(self.pad_token_id): {
-                "content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                "special": True}}
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
         with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
@@ -272,10 +297,19 @@ class HFTokenizer:
 
 
 def load_tokenizer(path_or_name):
-    """'byte' -> the embedded ByteTokenizer; a directory -> HFTokenizer(directory)."""
+    """'byte' -> the embedded ByteTokenizer; a directory -> HFTokenizer(directory), or the ByteTokenizer (with the
+    chat template trained with) for an embedded model's export."""
     if path_or_name == "byte":
         return ByteTokenizer()
     if os.path.isdir(path_or_name):
+        config_path = os.path.join(path_or_name, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                text = f.read()
+            if '"nanotulu_tokenizer": "byte"' in text:  # an embedded model's export (ByteTokenizer.save)
+                tok = ByteTokenizer()
+                tok.chat_template = json.loads(text).get("chat_template")
+                return tok
         return HFTokenizer(path_or_name)
     raise FileNotFoundError(f"tokenizer {path_or_name!r}: neither 'byte' nor a directory with tokenizer.json")
 
@@ -324,6 +358,18 @@ def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
 
+class _GenerationBlocks(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}: how transformers' chat templates mark the assistant text that
+    apply_chat_template(..., return_assistant_tokens_mask=True) reports. Rendered as its body: nanotulu's masks
+    come from prefix renders (tokenize_sft), and tests/test_templates.py checks them against transformers' masks
+    for templates with such blocks."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @functools.lru_cache(maxsize=16)
 def _compile_jinja(template):
     # The environment Hugging Face renders chat templates in: sandboxed, trim_blocks + lstrip_blocks, loop
@@ -331,7 +377,8 @@ def _compile_jinja(template):
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                         extensions=[loopcontrols, _GenerationBlocks])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = _raise_exception
@@ -404,6 +451,18 @@ def resolve_template(flag, tok):
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"--template {flag}: the chat template does not compile ({e})") from e
     return text
+
+
+def describe_template(flag, template, tok):
+    """One line saying which chat template a run uses and why (every trainer prints it: a template replaced
+    silently changes what the model learns and what its export says)."""
+    if flag not in (None, ""):
+        return f"template: {'tulu' if template == 'tulu' else 'Jinja'} (--template {flag})"
+    if template != "tulu":
+        return f"template: the checkpoint's own chat_template ({tok.name}; --template tulu for Tulu 3's)"
+    if tok.chat_template is None:
+        return f"template: tulu (the tokenizer {tok.name!r} has no chat_template of its own)"
+    return "template: tulu (the checkpoint's own)"
 
 
 def jinja_template(template):
@@ -564,7 +623,10 @@ def _tokenize_chunk(fn, chunk):
 def _read_and_tokenize(path, fn, workers, min_rows_per_worker):
     rows = read_rows(path)
     items = [(line_no, row, f"{path}:{line_no}") for line_no, row in rows]
-    n_workers = min(workers, os.cpu_count() or 1, len(items) // max(1, min_rows_per_worker))
+    from nanotulu.common import cpu_cores
+
+    # no more processes than CPUs this process may use (logical: tokenizing gains from hyper-threads)
+    n_workers = min(workers, cpu_cores(physical=False), len(items) // max(1, min_rows_per_worker))
     if n_workers <= 1:
         done = _tokenize_chunk(fn, items)
     else:

@@ -8,6 +8,7 @@ embedded preset after them)."""
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -42,6 +43,8 @@ class RunFlags:
                                                                          "written), tensorboard, wandb"})
     exit_after_steps: int = dataclasses.field(default=-1, metadata={"help": "testing: exit abruptly after N "
                                                                             "steps (as a kill would)"})
+    threads: int = dataclasses.field(default=0, metadata={"help": "CPU threads of each process (0: the physical "
+                                                              "cores / processes per node; embedded: 2)"})
 
 
 def _flag(default, help_text):
@@ -71,7 +74,7 @@ SHARED_HELP = {
     "ref_model": "reference model directory; empty: --model",
     "max_seq_len": "tokens per sequence; longer examples truncated",
     "truncate": "truncate over-long examples (false: drop them)",
-    "tokenize_workers": "processes tokenizing the data (0/1: in-process)",
+    "tokenize_workers": "processes tokenizing the data, at most the CPUs (0/1: in-process)",
     "data_cache_dir": "tokenized-data cache shared by runs and ranks (must be shared by all nodes; '': none)",
     "epochs": "passes over the data",
     "max_steps": "stop after this many optimizer steps (0: epochs)",
@@ -108,6 +111,16 @@ def pick(cls, cfg, **over):
     return cls(**{f.name: over.get(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cls)})
 
 
+class UsageError(ValueError):
+    """A flag the parser refuses (unknown, malformed value): raised instead of argparse's exit, so that run_script
+    reports it like every other user error (and a caller of main(argv) can catch it)."""
+
+
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see {os.path.basename(self.prog)} --help)")
+
+
 def parse_flags(cls, argv=None, preset=None):
     """Command-line flags from a dataclass's fields (name -> --name, default -> default, the field's comment in
     metadata["help"]). Every flag's help line shows its default; `preset` (the embedded default's overrides) is
@@ -116,7 +129,7 @@ def parse_flags(cls, argv=None, preset=None):
     if preset:
         epilog = "with no --model (the embedded default), these replace the defaults above unless given: " + \
                  ", ".join(f"{k}={v}" for k, v in preset.items())
-    parser = argparse.ArgumentParser(description=cls.__doc__, epilog=epilog)
+    parser = FlagParser(description=cls.__doc__, epilog=epilog)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]

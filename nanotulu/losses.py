@@ -14,14 +14,17 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def loss_head(targets, impl="auto", tp_group=None, loss_fn=None, cuts=None, entropy=False, temperature=1.0):
+def loss_head(targets, impl="auto", tp_group=None, loss_fn=None, cuts=None, entropy=False, temperature=1.0,
+              targets_only=False):
     """A `head` for Llama.forward: hidden (B, T, H) and the output weight (V, H) -> (loss, logp, entropy).
     targets (B, T) with -100 where nothing is trained (log-prob 0 there).
     loss_fn(logp, entropy, s, e) -> scalar: the loss of tokens [s, e) from their fp32 log-probs (and entropies, or
     None); the head's loss is its sum over the chunks (None without loss_fn) and carries the gradient. cuts: host
     token offsets where a chunk may end (a term spanning several tokens, e.g. a DPO pair, stays in one chunk).
     logp (B*T,) fp32, detached when loss_fn is given; entropy (B*T,) of the distribution or None (asked with
-    entropy=True; not available from the tile kernels under tensor parallel). temperature: logits / T."""
+    entropy=True; not available from the tile kernels under tensor parallel). temperature: logits / T.
+    targets_only (SFT): on a CPU, only the positions with a target meet the output weight, and logp / entropy
+    cover those positions only (in order)."""
     from nanotulu.kernels import chunked_loss, linear_logprobs as tiles
 
     if impl not in ("auto", "fused", "triton", "torch"):
@@ -44,6 +47,12 @@ def loss_head(targets, impl="auto", tp_group=None, loss_fn=None, cuts=None, entr
         h = hidden.reshape(-1, hidden.shape[-1])
         if h.dtype != weight.dtype:
             h = h.to(weight.dtype)
+        if targets_only and not tp and h.device.type == "cpu":
+            # prompt, padding and each document's last position (-100: 30-60% of an SFT row) would add 6HV FLOPs
+            # each for a zero. Counting them reads a tensor back to the host: free on a CPU, a stall of the stream
+            # on a GPU (left as is there).
+            keep = (t != -100).nonzero().squeeze(1)
+            h, t = h.index_select(0, keep), t.index_select(0, keep)
         if fused:
             return chunked_loss.fused_linear_loss(h, weight, t, loss_fn, row_impl=row_impl, cuts=cuts,
                                                   return_entropy=entropy, **tp)

@@ -42,14 +42,11 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-def build_mesh(world, dp_shard, tp, device, dp_replicate=1):
-    """A (dp, tp) DeviceMesh over `world` ranks, dims named "dp" and "tp". dp_shard -1: world // (tp x dp_replicate).
-    TP groups are consecutive ranks (on one node they share NVLink); dp groups stride over them.
-    dp_replicate > 1 (HSDP): a (dp_replicate, dp_shard, tp) mesh; FSDP shards over dp_shard (inside a node) and
-    replicates over dp_replicate (across nodes: one all-reduce of the sharded gradients instead of reduce-scatters
-    over the slow links), and "dp" is the flattened (dp_replicate, dp_shard) dim the loader and the loss reductions
-    use, so a (2, 2) HSDP run sees the data of a 4-way data-parallel run."""
-    device = torch.device(device)
+
+def mesh_shape(world, dp_shard, tp, dp_replicate=1):
+    """(dp_replicate, dp_shard, tp) of the mesh build_mesh makes for `world` ranks, or a ValueError naming the flags
+    when their product is not the world size; needs no process group, so the trainers check it before any data or
+    weights load (run.check_before_load)."""
     if tp < 1 or dp_replicate < 1:
         raise ValueError(f"--tp {tp} and --dp_replicate {dp_replicate}: must be >= 1")
     if dp_shard == -1:
@@ -63,6 +60,18 @@ def build_mesh(world, dp_shard, tp, device, dp_replicate=1):
                          f"processes were started: the world size must equal "
                          f"{'dp_replicate x ' if dp_replicate > 1 else ''}dp_shard x tp "
                          f"(torchrun --nproc_per_node {dp_replicate * dp_shard * tp})")
+    return dp_replicate, dp_shard, tp
+
+
+def build_mesh(world, dp_shard, tp, device, dp_replicate=1):
+    """A (dp, tp) DeviceMesh over `world` ranks, dims named "dp" and "tp". dp_shard -1: world // (tp x dp_replicate).
+    TP groups are consecutive ranks (on one node they share NVLink); dp groups stride over them.
+    dp_replicate > 1 (HSDP): a (dp_replicate, dp_shard, tp) mesh; FSDP shards over dp_shard (inside a node) and
+    replicates over dp_replicate (across nodes: one all-reduce of the sharded gradients instead of reduce-scatters
+    over the slow links), and "dp" is the flattened (dp_replicate, dp_shard) dim the loader and the loss reductions
+    use, so a (2, 2) HSDP run sees the data of a 4-way data-parallel run."""
+    device = torch.device(device)
+    dp_replicate, dp_shard, tp = mesh_shape(world, dp_shard, tp, dp_replicate)
     if not dist.is_initialized():
         raise ValueError("build_mesh needs torch.distributed initialised: start with torchrun")
     if dp_replicate == 1:

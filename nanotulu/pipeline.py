@@ -107,17 +107,18 @@ def main(argv=None):
     eval_tokens = EMBEDDED_MAX_NEW_TOKENS  # what `python -m nanotulu.eval` uses for the embedded model
     stage_dir = {s: os.path.join(out, s) for s in ("sft", "dpo", "rlvr", "ppo")}
     fresh = ["--resume", "false"] if args.fresh else []
+    shared = ["--threads", str(args.threads), *fresh]  # every stage on the pipeline's thread count
     sft_model, dpo_model = os.path.join(stage_dir["sft"], "final"), os.path.join(stage_dir["dpo"], "final")
     stages = [  # (name, trainer module, its flags)
-        ("sft", train_sft, ["--output_dir", stage_dir["sft"], *fresh]),
+        ("sft", train_sft, ["--output_dir", stage_dir["sft"], *shared]),
         ("dpo", train_dpo, ["--model", sft_model, "--tokenizer", "byte", "--data", embedded.asset("dpo.jsonl"),
-                            "--output_dir", stage_dir["dpo"], *preset_flags(train_dpo.EMBEDDED_PRESET), *fresh]),
+                            "--output_dir", stage_dir["dpo"], *preset_flags(train_dpo.EMBEDDED_PRESET), *shared]),
         ("rlvr", train_rlvr, ["--model", dpo_model, "--tokenizer", "byte", "--data",
                               embedded.asset("rlvr_train.jsonl"), "--output_dir", stage_dir["rlvr"],
-                              *preset_flags(train_rlvr.EMBEDDED_PRESET), *fresh]),
+                              *preset_flags(train_rlvr.EMBEDDED_PRESET), *shared]),
         ("ppo", train_rlvr, ["--algo", "ppo", "--model", dpo_model, "--tokenizer", "byte", "--data",
                              embedded.asset("rlvr_train.jsonl"), "--output_dir", stage_dir["ppo"],
-                             *preset_flags(train_rlvr.EMBEDDED_PPO_PRESET), *fresh])]
+                             *preset_flags(train_rlvr.EMBEDDED_PPO_PRESET), *shared])]
     stages = [st for st in stages if st[0] in ("sft", "dpo") or {"grpo": "rlvr", "ppo": "ppo"}.get(args.rl, st[0])
               == st[0]]
 
@@ -166,4 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run.run_script(main)

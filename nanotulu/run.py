@@ -10,12 +10,13 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from nanotulu.flags import on_cuda_by_default, resolve_flags
+from nanotulu.flags import UsageError, on_cuda_by_default, resolve_flags
 from nanotulu.parallel import clip_grad_norm
 
 
@@ -43,17 +44,18 @@ def start(cls, preset, argv, data_kind, variant=None):
     cfg = resolve_flags(cls, preset, argv, variant)
     open_reporters(cfg.report_to, None)  # an unknown logger or a missing package fails before any work
     embedded = not cfg.model
-    if embedded and torch.get_num_threads() != EMBEDDED_THREADS and not torch.cuda.is_available():
-        torch.set_num_threads(EMBEDDED_THREADS)  # the embedded results depend on it (see EMBEDDED_THREADS)
+    # the embedded results depend on the thread count (see EMBEDDED_THREADS); any other run gets the cores
+    set_threads(cfg.threads or (EMBEDDED_THREADS if embedded and not torch.cuda.is_available() else 0))
     if not embedded and not cfg.data:
         raise ValueError(f"--data is required with --model ({data_kind} files; the shipped toy data is for the "
                          "embedded default only)")
     check_input_paths(cfg)
     check_output_path(cfg.output_dir, "--output_dir", folder=True)
     rank, world, device = init_distributed()
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    check_before_load(cfg, world, device, use_bf16)
     open_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     return cfg, embedded, rank, world, device, use_bf16
 
 
@@ -127,6 +129,72 @@ def check_one_step(lengths, capacity, cfg, world, what="examples", len_flag="--m
     return n_rows
 
 
+def check_before_load(cfg, world, device, use_bf16):
+    """What the process count, the device and the model's config.json already decide, checked before any data is
+    tokenized or weight read (an 8B model is 16-32 GB to read before a late error): the mesh shape against the
+    world size, the attention backend against device and dtype, the sequence length against the model's."""
+    from nanotulu import parallel
+
+    parallel.mesh_shape(world, cfg.dp_shard, cfg.tp, cfg.dp_replicate)
+    check_attn_backend(cfg.attn_backend, device, use_bf16)
+    check_seq_len(cfg)
+
+
+def check_attn_backend(name, device, use_bf16, training=True):
+    """An --attn_backend the user chose that cannot run here: FlexAttention trains on CUDA only (torch 2.13 has no
+    CPU backward for it: the first backward would fail), the varlen kernels (flash-attn's or torch's) need CUDA and
+    bf16/fp16 inputs. "auto" is model.pick_backend's choice, which only picks what runs."""
+    from nanotulu import model as M
+
+    fix = "use --attn_backend sdpa (or auto)"
+    if name == "flex" and device.type != "cuda" and training:
+        raise ValueError(f"--attn_backend flex: FlexAttention has no backward pass on {device.type} in torch "
+                         f"{torch.__version__.split('+')[0]}, so it cannot train here; {fix}")
+    if name in ("varlen", "flash"):
+        if device.type != "cuda":
+            raise ValueError(f"--attn_backend {name}: variable-length attention kernels need a CUDA GPU, this run is "
+                             f"on {device.type}; {fix}")
+        if not use_bf16:
+            raise ValueError(f"--attn_backend {name}: variable-length attention kernels take bf16/fp16 only, and this "
+                             "run computes in fp32; add --precision bf16, or use --attn_backend sdpa or flex")
+        if name == "flash" and not M._has_flash_attn():
+            raise ValueError(f"--attn_backend flash: the flash-attn package is not installed (pip install "
+                             f"'nanotulu[gpu]'); or use --attn_backend varlen (torch's own) or auto")
+        if not (M._has_flash_attn() or M._has_torch_varlen()):
+            raise ValueError(f"--attn_backend varlen: neither flash-attn nor torch's varlen attention (torch >= 2.9) "
+                             f"is available; use --attn_backend flex or auto")
+
+
+def sequence_length(cfg):
+    """The longest sequence (positions 0..n-1 of one document) a trainer's flags allow -> (n, the flags that say
+    so)."""
+    if hasattr(cfg, "max_seq_len"):
+        return cfg.max_seq_len, f"--max_seq_len {cfg.max_seq_len}"
+    n = cfg.max_prompt_len + cfg.max_new_tokens
+    return n, f"--max_prompt_len {cfg.max_prompt_len} + --max_new_tokens {cfg.max_new_tokens} = {n}"
+
+
+def check_seq_len(cfg):
+    """The sequence length of the flags within the model's max_position_embeddings (config.json of --model; the
+    embedded model's with none): longer positions were never trained (and with llama3 RoPE scaling lie past the
+    range the scaling was made for)."""
+    from nanotulu.embedded import EMBEDDED_MODEL
+
+    n, flags = sequence_length(cfg)
+    where = "the embedded model"
+    limit = EMBEDDED_MODEL.max_position_embeddings
+    if cfg.model:
+        where = os.path.join(cfg.model, "config.json")
+        try:
+            with open(where) as f:
+                limit = json.load(f).get("max_position_embeddings")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(limit, int) and n > limit:
+        raise ValueError(f"{flags}: longer than the model's max_position_embeddings {limit} ({where}); lower it to "
+                         f"{limit} at most")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run directory: one run at a time, resumed only with the flags it started with
 
@@ -134,7 +202,7 @@ def check_one_step(lengths, capacity, cfg, world, what="examples", len_flag="--m
 # Flags a resumed run may change: when to stop and save, and how (not what) it computes. Any other difference
 # (--lr, --model, --data, --max_steps: the lr schedule depends on it, ...) is another run.
 RESUMABLE_CHANGES = ("resume", "exit_after_steps", "save_every", "eval_every", "verify_workers", "compile",
-                     "activation_checkpointing")
+                     "activation_checkpointing", "threads")
 
 _RUN_LOCKS = {}  # absolute output_dir -> its open, locked .lock file (held until release_run_dir or exit)
 
@@ -428,13 +496,13 @@ def exit_if_asked(cfg, step):
 
 
 def finish_run(cfg, model, is_embedded, tok, rank, finish=True, template="tulu"):
-    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer of a real
-    model as trained: its pad token and the chat `template` used), then the process group closed unless the caller
+    """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer as trained:
+    its files and the chat `template` used), then the process group closed unless the caller
     runs more stages in this process."""
     from nanotulu import checkpoint
 
     out = os.path.join(cfg.output_dir, "final")
-    checkpoint.save_hf(model, out, tok=None if is_embedded else tok, template=template, rank=rank)
+    checkpoint.save_hf(model, out, tok=tok, template=template, rank=rank)
     if rank == 0:
         print(f"saved {out}")
         release_run_dir(cfg.output_dir)
@@ -448,12 +516,15 @@ def finish_run(cfg, model, is_embedded, tok, rank, finish=True, template="tulu")
 
 
 def load_model(path, tok, device, cfg, score_head=None):
-    """An HF checkpoint in fp32 (master weights), embeddings grown to the tokenizer's vocabulary.
-    score_head: see Llama.from_pretrained (True: a reward / value model)."""
+    """An HF checkpoint in fp32 (master weights); embeddings grown only for a tokenizer with more token ids than
+    the model has rows (the vocabulary is kept otherwise). score_head: see Llama.from_pretrained (True: a reward /
+    value model)."""
     from nanotulu.model import Llama, resize_vocab
 
     m = Llama.from_pretrained(path, dtype=torch.float32, device=device, attn_backend=cfg.attn_backend,
                               score_head=score_head)
+    if getattr(tok, "n_ids", tok.vocab_size) <= m.cfg.vocab_size:
+        return m
     return resize_vocab(m, max(tok.vocab_size, m.cfg.vocab_size))
 
 
@@ -478,3 +549,121 @@ def optimizer_step(model, optimizer, lr, max_grad_norm):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line's end: a user error is one clear message, the last thing the user reads
+
+
+# What counts as the user's error: every check of flags, paths, data and checkpoints raises one of these with a
+# message naming the flag, file, line or field. Anything else (a bug, CUDA out of memory) keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError)
+
+
+def debug_wanted(argv):
+    """--debug on the command line (removed from argv) or NANOTULU_DEBUG=1: user errors keep their traceback."""
+    wanted = os.environ.get("NANOTULU_DEBUG", "").lower() not in ("", "0", "false", "no", "off")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        wanted = True
+    return wanted
+
+
+def run_script(main):
+    """Every script's `if __name__ == "__main__"`: main(), with a user error (USER_ERRORS) printed as one line,
+    `error: <message>`, with no traceback, and exit status 1 (2 for a refused flag, as argparse).
+
+    Under torchrun the message must also survive the launcher. torchrun (torch 2.13) starts each rank as a child
+    process; when one exits non-zero, the launcher itself fails: it logs "failed (exitcode: 1) local_rank: 0 ...",
+    prints its own Python traceback (run.py -> launch_agent -> ChildFailedError, ~15 lines) and then the
+    ChildFailedError block, whose last field, "traceback :", is the only place a child can fill: the launcher reads
+    it from the JSON file named by TORCHELASTIC_ERROR_FILE in the child's environment ({"message": {"message",
+    "extraInfo": {"py_callstack", "timestamp"}}}, as torch.distributed.elastic's @record writes it; without that
+    file the field says "To enable traceback see: https://pytorch.org/..."). So each rank writes that file with
+    the message alone as its "py_callstack": the block's root cause (the first rank to fail) then ends with
+    `traceback : error: <message>`, followed only by the block's closing "====" line. Nothing a child does can
+    come after the launcher's own output (short of exiting 0, which would tell scripts the run succeeded). The
+    child's own line comes first, printed by rank 0 only (every rank raises the same check), without the
+    "[rank0]:" prefix torch.distributed's excepthook would add to a traceback.
+
+    --debug (anywhere on the command line) or NANOTULU_DEBUG=1 re-raises instead: the full traceback."""
+    import time
+
+    debug = debug_wanted(sys.argv)
+    try:
+        main()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = f"error: {e}"
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:
+            record = {"message": {"message": f"{type(e).__name__}: {e}",
+                                  "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+            with open(error_file, "w") as f:
+                json.dump(record, f)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(message, file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()  # no warning about an undestroyed group after the message
+        sys.stdout.flush()
+        os._exit(2 if isinstance(e, UsageError) else 1)  # no atexit output (tqdm, process-group teardown) after it
+
+
+def finished_run(cfg, rank, finish=True):
+    """A rerun of a finished run is not trained again: with --resume on, a written output_dir/final (open_run_dir
+    has refused the rerun already if its flags differ) means the run is done, whatever its checkpoints/ hold (none
+    when --save_every exceeds its steps, which used to retrain it from step 0). Returns the path of that final/
+    (the trainer returns it at once), or None: train."""
+    out = os.path.join(cfg.output_dir, "final")
+    if not (cfg.resume and os.path.isfile(os.path.join(out, "config.json"))):
+        return None
+    if rank == 0:
+        print(f"{cfg.output_dir}: finished already ({out}, written with these flags): nothing to train; "
+              "--resume false trains it again")
+        release_run_dir(cfg.output_dir)
+    if finish:
+        finish_distributed()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU threads
+
+
+def cpu_cores(physical=True):
+    """CPU cores this process may use: the CPUs of its affinity mask, within the container's CPU quota (cgroup v2
+    cpu.max), counting hyper-threads of one core once when `physical` (two threads on one core share its vector
+    units: matmuls gain nothing, and each extra thread adds synchronisation)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    n = len(cpus)
+    if physical:
+        cores = set()
+        try:
+            for c in cpus:
+                topo = f"/sys/devices/system/cpu/cpu{c}/topology/"
+                with open(topo + "core_id") as f, open(topo + "physical_package_id") as g:
+                    cores.add((g.read().strip(), f.read().strip()))
+            n = len(cores)
+        except OSError:
+            pass  # no sysfs topology: every CPU counts
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads(n=0):
+    """torch's CPU threads: n, or with n = 0 the physical cores shared by the processes torchrun started on this
+    node (LOCAL_WORLD_SIZE). Applied by every trainer: torch's own default (all logical CPUs; 1 per process under
+    torchrun with several) oversubscribes a shared or hyper-threaded machine, where an SFT step can take 50x
+    longer while threads wait on each other. Returns the count set."""
+    if n <= 0:
+        n = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

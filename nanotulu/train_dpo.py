@@ -127,9 +127,13 @@ def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device,
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = run.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
+    if done := run.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
+        return done
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
+    if rank == 0:
+        print(data.describe_template(cfg.template, template, tok))
     pairs = load_data(cfg, is_embedded, tok, template, rank)
     eval_pairs = load_data(cfg, is_embedded, tok, template, rank, mix=cfg.eval_data) if cfg.eval_data else []
     capacity = 2 * cfg.max_seq_len  # a row holds at least one whole pair
@@ -194,4 +198,4 @@ def main(argv=None, finish=True):
 
 
 if __name__ == "__main__":
-    main()
+    run.run_script(main)

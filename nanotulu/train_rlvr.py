@@ -207,9 +207,13 @@ def step_metrics(loss_sums, rew, scores, outs, equal, finished, vstats, grad_nor
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = run.start(RLVRConfig, embedded_preset, argv, "RLVR",
                                                                    variant=variant_defaults)
+    if done := run.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
+        return done
     check_flags(cfg)
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
+    if rank == 0:
+        print(data.describe_template(cfg.template, template, tok))
     tasks, prompts, eval_rows = load_tasks(cfg, is_embedded, tok, template)
     check_prompts_per_step(cfg, len(tasks), world)
     model_dir = resolve_embedded_start(rank) if is_embedded else cfg.model
@@ -287,4 +291,4 @@ def data_prompts(rows, tok, template):
 
 
 if __name__ == "__main__":
-    main()
+    run.run_script(main)

@@ -71,8 +71,12 @@ def load_data(cfg, is_embedded, tok, template, rank):
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = run.start(RMConfig, EMBEDDED_PRESET, argv, "preference")
+    if done := run.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
+        return done
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
+    if rank == 0:
+        print(data.describe_template(cfg.template, template, tok))
     pairs, held = load_data(cfg, is_embedded, tok, template, rank)
     capacity = 2 * cfg.max_seq_len
     run.check_one_step([pair_length(p) for p in pairs], capacity, cfg, world, what="pairs")
@@ -121,4 +125,4 @@ def main(argv=None, finish=True):
 
 
 if __name__ == "__main__":
-    main()
+    run.run_script(main)

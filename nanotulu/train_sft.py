@@ -15,13 +15,12 @@ import time
 
 from nanotulu import checkpoint, data, embedded, parallel, run
 from nanotulu.algos.sft import held_out_loss, sft_backward
-from nanotulu.data import TEMPLATE_HELP
 from nanotulu.flags import TrainFlags, recipe, shared
 from nanotulu.model import build_model, num_flops_per_token, resize_vocab
 
 
-@recipe(template="tulu", output_dir="runs/sft", lr=5e-6, lr_schedule="linear", warmup_ratio=0.03, save_every=200,
-        help=dict(template=TEMPLATE_HELP, model="HF model directory; empty: the embedded tiny Llama",
+@recipe(output_dir="runs/sft", lr=5e-6, lr_schedule="linear", warmup_ratio=0.03, save_every=200,
+        help=dict(model="HF model directory; empty: the embedded tiny Llama",
                   data="mix 'file[:amount],...' of SFT rows (amount: 0.5 = fraction, 500 = rows)",
                   eval_data="held-out mix, as --data: its loss logged as eval/loss",
                   micro_batch_rows="rows per forward/backward on each rank"))
@@ -67,8 +66,12 @@ def load_data(cfg, is_embedded, tok, template, rank, mix=None):
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = run.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
+    if done := run.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
+        return done
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)
+    if rank == 0:
+        print(data.describe_template(cfg.template, template, tok))
     examples = load_data(cfg, is_embedded, tok, template, rank)
     run.check_one_step([data.sft_length(e) for e in examples], cfg.max_seq_len, cfg, world)
     eval_examples = load_data(cfg, is_embedded, tok, template, rank, mix=cfg.eval_data) if cfg.eval_data else []
@@ -122,4 +125,4 @@ def main(argv=None, finish=True):
 
 
 if __name__ == "__main__":
-    main()
+    run.run_script(main)

@@ -29,7 +29,6 @@ def test_cpu_smoke(bench_step, capsys):
         # on a CPU every group but communication has ops in a step (one process: no collectives)
         for group in ("attention", "matmuls", "loss", "norms", "optimizer"):
             assert times[group] > 0, (r["stage"], group, dict(times))
-        assert times["other"] < 0.5 * total, dict(times)
     for line in ("== SFT step", "== DPO step", "tok/s (row capacity)", "MFU", "peak memory", "attention", "matmuls",
                  "loss", "norms", "optimizer", "communication", "other"):
         assert line in out

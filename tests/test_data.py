@@ -150,11 +150,9 @@ def test_hf_tokenizer_matches_transformers(hf_dir, hf_reference):
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode("4</s>")[-1] == tok.eos_token_id == hf_reference.convert_tokens_to_ids("</s>")
     assert tok.bos_token == "<s>" and tok.bos_token_id == hf_reference.convert_tokens_to_ids("<s>")
-    # RECIPE: no pad token -> <pad> added, distinct from EOS, embeddings a multiple of 8
-    n_before = len(hf_reference)
-    assert tok.pad_token_id == n_before and tok.pad_token_id != tok.eos_token_id
-    assert tok.vocab_size % 8 == 0 and tok.vocab_size >= n_before + 1
-    assert tok.encode("x<pad>")[-1] == tok.pad_token_id
+    # RECIPE: no pad token -> none added (the vocabulary is kept); the EOS id fills packed rows' tails
+    assert tok.pad_token is None and tok.pad_token_id == tok.eos_token_id
+    assert tok.n_ids == len(hf_reference) and tok.vocab_size % 8 == 0 and tok.vocab_size >= tok.n_ids
     assert tok.chat_template == TULU_JINJA
 
 

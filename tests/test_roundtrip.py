@@ -98,7 +98,7 @@ def exported(tmp_path_factory):
 
     out = train_sft.main(["--model", base, "--data", str(rows), "--output_dir", str(root / "sft"), "--max_seq_len",
                           "128", "--batch_rows", "2", "--max_steps", "2", "--lr", "1e-3", "--save_every", "0",
-                          "--loss_impl", "torch"])
+                          "--loss_impl", "torch", "--template", "tulu"])
     return base, out
 
 
@@ -107,15 +107,17 @@ def test_export_carries_template_tokens_and_vocab(exported):
     with open(os.path.join(final, "tokenizer_config.json")) as f:
         cfg = json.load(f)
     assert cfg["chat_template"] == TULU_CHAT_TEMPLATE  # trained with tulu, not the base's BASE_TEMPLATE
-    assert (cfg["eos_token"], cfg["bos_token"], cfg["pad_token"]) == ("</s>", "<s>", "<pad>")
-    ours = load_tokenizer(base)  # what training used: the base tokenizer + <pad>
+    assert (cfg["eos_token"], cfg["bos_token"], cfg.get("pad_token")) == ("</s>", "<s>", None)  # no pad added
+    ours = load_tokenizer(base)  # what training used: the base tokenizer, unchanged
     hf = transformers.AutoTokenizer.from_pretrained(final)
-    assert hf.pad_token == "<pad>" and hf.pad_token_id == ours.pad_token_id != hf.eos_token_id
+    assert hf.pad_token is None and len(hf) == len(transformers.AutoTokenizer.from_pretrained(base))
     assert (hf.eos_token_id, hf.bos_token_id) == (ours.eos_token_id, ours.bos_token_id)
     with open(os.path.join(final, "config.json")) as f:
         model_cfg = json.load(f)
-    assert model_cfg["vocab_size"] == ours.vocab_size and len(hf) <= model_cfg["vocab_size"]
-    assert model_cfg["pad_token_id"] == ours.pad_token_id and model_cfg["eos_token_id"] == ours.eos_token_id
+    with open(os.path.join(base, "config.json")) as f:
+        base_cfg = json.load(f)
+    assert model_cfg["vocab_size"] == base_cfg["vocab_size"]  # the vocabulary kept: the base's shape
+    assert model_cfg["pad_token_id"] is None and model_cfg["eos_token_id"] == ours.eos_token_id
     for chat in CHATS[:3]:
         for gen, msgs in ((False, chat), (True, chat[:-1])):
             text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)

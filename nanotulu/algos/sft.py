@@ -17,7 +17,7 @@ def cross_entropy_sum(lp, _entropy, s, e):
 
 def token_loss_sum(model, m, impl, mesh):
     """Summed token cross-entropy of one stacked micro-batch (a scalar carrying the gradient)."""
-    head = losses.loss_head(m["targets"], impl, tp_group(mesh), loss_fn=cross_entropy_sum)
+    head = losses.loss_head(m["targets"], impl, tp_group(mesh), loss_fn=cross_entropy_sum, targets_only=True)
     return model(m["input_ids"], m["position_ids"], m["cu_seqlens"], head=head, max_seqlen=m.get("max_seqlen"))[0]
 
 
