@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from nanotulu import data, run
+from nanotulu import data, machine, run
 from nanotulu.model import LlamaConfig, build_model
-from nanotulu.train_sft import SFTConfig, sft_backward
+from nanotulu.algos.sft import sft_backward
+from nanotulu.flags import TrainFlags
 
 
 def smollm_135m(layers, vocab):
@@ -51,7 +52,7 @@ def make_docs(n, doc_len, row_len, vocab, prompt_frac, seed=0):
 def nanotulu_side(cfg, docs, row_len, lr):
     """-> (model, step(), rows): one optimizer step over all `docs`, as train_sft runs it on one CPU process."""
     model = build_model(cfg, seed=0)
-    flags = SFTConfig(lr=lr)
+    flags = TrainFlags(lr=lr)  # weight decay, clipping and AdamW as SFT's flags
     bins = data.pack([len(d["input_ids"]) for d in docs], row_len)  # best-fit decreasing, as PackedLoader
     rows = [data.make_row([docs[i] for i in b], row_len, 0) for b in bins]
     optimizer = run.make_optimizer(model, flags, torch.device("cpu"))
@@ -129,7 +130,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the physical cores, as the trainers)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables of one step of each")
     args = p.parse_args(argv)
-    threads = run.set_threads(args.threads)
+    threads = machine.set_threads(args.threads)
     cfg = smollm_135m(args.layers, args.vocab)
     docs = make_docs(args.docs, args.doc_len, args.row_len, args.vocab, args.prompt_frac)
     real = sum(len(d["input_ids"]) for d in docs)

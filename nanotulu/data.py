@@ -623,7 +623,7 @@ def _tokenize_chunk(fn, chunk):
 def _read_and_tokenize(path, fn, workers, min_rows_per_worker):
     rows = read_rows(path)
     items = [(line_no, row, f"{path}:{line_no}") for line_no, row in rows]
-    from nanotulu.common import cpu_cores
+    from nanotulu.machine import cpu_cores
 
     # no more processes than CPUs this process may use (logical: tokenizing gains from hyper-threads)
     n_workers = min(workers, cpu_cores(physical=False), len(items) // max(1, min_rows_per_worker))

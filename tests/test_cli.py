@@ -2,6 +2,7 @@
 launcher prints its own block after a failed child), and the checks that need only the flags, the process count
 and config.json (mesh shape, attention backend, sequence length) made before any tokenizer, data or weight loads."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from nanotulu import run, train_dpo, train_rlvr, train_sft
+from nanotulu import train_dpo, train_rlvr, train_sft
+from nanotulu.run import check_attn_backend, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "NANOTULU_NO_BAR": "1", "PYTHONPATH": ROOT}
@@ -23,7 +25,7 @@ def run(args, env=ENV):
 
 def torchrun(script_args, env=ENV):
     return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                "--master_port", str(run.free_port())] + script_args, env)
+                "--master_port", str(free_port())] + script_args, env)
 
 
 def lines(text):
@@ -70,7 +72,7 @@ def test_refused_flag_change_is_the_last_line(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "final").mkdir()
-    saved = {**run.dataclasses.asdict(train_sft.SFTConfig(output_dir=str(out))), "lr": 123.0}
+    saved = {**dataclasses.asdict(train_sft.SFTConfig(output_dir=str(out))), "lr": 123.0}
     (out / "run_config.json").write_text(json.dumps(saved))
     p = run([sys.executable, "nanotulu/train_sft.py", "--output_dir", str(out), "--lr", "1e-3"])
     assert p.returncode == 1
@@ -111,14 +113,14 @@ def test_attention_backend_checked_before_load(config_only):
     # on a GPU: fp32 compute is refused for varlen, and flash needs the flash-attn package
     cuda = torch.device("cuda", 0)
     with pytest.raises(ValueError, match="--attn_backend varlen: .* bf16/fp16 only, and this run computes in fp32"):
-        run.check_attn_backend("varlen", cuda, use_bf16=False)
+        check_attn_backend("varlen", cuda, use_bf16=False)
     try:
         import flash_attn  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="--attn_backend flash: the flash-attn package is not installed"):
-            run.check_attn_backend("flash", cuda, use_bf16=True)
-    run.check_attn_backend("flex", cuda, use_bf16=False)  # flex trains on CUDA in fp32 and bf16
-    run.check_attn_backend("sdpa", torch.device("cpu"), use_bf16=False)
+            check_attn_backend("flash", cuda, use_bf16=True)
+    check_attn_backend("flex", cuda, use_bf16=False)  # flex trains on CUDA in fp32 and bf16
+    check_attn_backend("sdpa", torch.device("cpu"), use_bf16=False)
 
 
 def test_sequence_length_checked_before_load(config_only):

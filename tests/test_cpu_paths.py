@@ -8,7 +8,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanotulu import data, losses, run
+from nanotulu import data, losses, machine
+from nanotulu.algos.sft import cross_entropy_sum
 from nanotulu.model import LlamaConfig, attention_meta, build_model
 
 TINY = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -38,8 +39,8 @@ def test_per_document_sdpa_equals_the_block_diagonal_mask(monkeypatch):
         monkeypatch.setattr(model_mod, "attention_meta", lambda *a, _f=model_mod.attention_meta, _p=per_document,
                             **k: _f(*a, **{**k, "per_document": _p}))
         model = build_model(TINY, seed=3, attn_backend="sdpa")
-        head = losses.loss_head("cross_entropy_sum", batch["targets"])
-        loss = model(batch["input_ids"], batch["position_ids"], cu, head=head)
+        head = losses.loss_head(batch["targets"], loss_fn=cross_entropy_sum, targets_only=True)
+        loss = model(batch["input_ids"], batch["position_ids"], cu, head=head)[0]
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
@@ -57,7 +58,7 @@ def test_cpu_loss_head_on_target_positions_equals_float64_cross_entropy():
     targets[torch.rand(N, generator=g) < 0.5] = -100  # prompt / padding / document ends
     for impl in ("auto", "torch"):
         hidden.grad = weight.grad = None
-        loss = losses.loss_head("cross_entropy_sum", targets, impl)(hidden[None], weight)
+        loss = losses.loss_head(targets, impl, loss_fn=cross_entropy_sum, targets_only=True)(hidden[None], weight)[0]
         loss.backward()
         h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
         want = F.cross_entropy(h64 @ w64.T, targets, ignore_index=-100, reduction="sum")
@@ -88,13 +89,13 @@ def physical_cores_from_cpuinfo():
 def test_threads_default_to_the_physical_cores_per_process(monkeypatch):
     before = torch.get_num_threads()
     try:
-        quota = run.cpu_cores()
+        quota = machine.cpu_cores()
         assert quota <= physical_cores_from_cpuinfo()  # the cgroup quota may lower it, never raise it
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-        assert run.set_threads(0) == quota == torch.get_num_threads()
+        assert machine.set_threads(0) == quota == torch.get_num_threads()
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node 2: the cores are shared
-        assert run.set_threads(0) == max(1, quota // 2) == torch.get_num_threads()
-        assert run.set_threads(1) == 1 == torch.get_num_threads()
+        assert machine.set_threads(0) == max(1, quota // 2) == torch.get_num_threads()
+        assert machine.set_threads(1) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
@@ -104,7 +105,7 @@ def test_tokenize_workers_bounded_by_the_cpus(tmp_path, monkeypatch):
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join('{"x": %d}\n' % i for i in range(40)))
-    monkeypatch.setattr(run, "cpu_cores", lambda physical=True: 1)
+    monkeypatch.setattr(machine, "cpu_cores", lambda physical=True: 1)
     monkeypatch.setattr(multiprocessing, "get_context", lambda *a: (_ for _ in ()).throw(AssertionError("a pool")))
     lines, out = data._read_and_tokenize(str(path), _double, workers=8, min_rows_per_worker=1)
     assert out == [2 * i for i in range(40)]  # in-process: 8 workers asked, one CPU

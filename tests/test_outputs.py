@@ -13,7 +13,8 @@ import shlex
 import pytest
 import torch
 
-from nanotulu import data, flags, train_dpo, train_rlvr, train_rm, train_sft
+from nanotulu import data, train_dpo, train_rlvr, train_rm, train_sft
+from nanotulu.flags import parse_flags
 from nanotulu.model import Llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,7 +182,7 @@ def test_readme_commands_name_existing_flags_and_written_paths(monkeypatch, tmp_
         name = target.removeprefix("nanotulu/").removesuffix(".py").removeprefix("nanotulu.")
         given = dict(zip(flags[::2], flags[1::2]))
         if name in TRAINERS:  # the trainer's own parser: unknown flags or bad values raise
-            cfg, _ = flags.parse_flags(TRAINERS[name], flags)
+            cfg, _ = parse_flags(TRAINERS[name], flags)
             from nanotulu import parallel
             parallel.mesh_shape(nproc, cfg.dp_shard, cfg.tp, cfg.dp_replicate)
             written.setdefault(block, set()).add(os.path.join(cfg.output_dir, "final"))
