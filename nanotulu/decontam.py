@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanotulu.data import read_rows
+from nanotulu.flags import HelpFormatter
 
 DEFAULT_EVAL_FIELDS = ("prompt", "question", "text", "problem", "instruction")  # tried in order, then `messages`
 CHUNK_ROWS = 8192  # training rows hashed and looked up together: big enough for numpy, small enough for memory
@@ -413,7 +414,7 @@ def print_report(report, file=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m nanotulu.decontam", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--train", nargs="+", required=True, help="training files (JSONL / Parquet, any Tulu format)")
     p.add_argument("--eval", nargs="+", required=True, help="evaluation files (JSONL / Parquet)")
     p.add_argument("--out", required=True, help="output folder: filtered training files, report.json, matches.jsonl")

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from nanotulu.flags import HelpFormatter
 from nanotulu.generate import generate
 from nanotulu.parallel import gathered
 
@@ -165,7 +166,7 @@ EMBEDDED_MAX_NEW_TOKENS = 96
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nanotulu.eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
     parser.add_argument("--data", required=True, nargs="+", help="RLVR rows: mixes 'file[:amount],...' as the "
                         "trainers take (amount: 0.5 = fraction, 500 = rows); several mixes add up")

@@ -19,9 +19,10 @@ from nanotulu.data import TEMPLATE_HELP_OWN
 @dataclasses.dataclass
 class RunFlags:
     """Flags every trainer has: how the run computes."""
-    seed: int = 42
-    weight_decay: float = 0.0  # Tulu 3: no weight decay in any stage
-    max_grad_norm: float = 1.0
+    seed: int = dataclasses.field(default=42, metadata={"help": "seed of the data order, sampling and new weights"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={  # Tulu 3: no weight decay in any stage
+        "help": "AdamW weight decay"})
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this"})
     resume: bool = dataclasses.field(default=True, metadata={"help": "continue from the latest checkpoint"})
     precision: str = dataclasses.field(default="auto", metadata={"help": "bf16 | fp32 | auto (bf16 on GPU)"})
     attn_backend: str = dataclasses.field(default="auto", metadata={"help": "auto | sdpa | flex | varlen"})
@@ -38,11 +39,12 @@ class RunFlags:
                                                                          "step, after the last micro-batch) | every"})
     fused_adamw: str = dataclasses.field(default="auto", metadata={"help": "fused AdamW kernel: auto (on CUDA) | "
                                                                            "true | false"})
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = dataclasses.field(default=False, metadata={
+        "help": "recompute each block's activations in the backward pass (less memory, ~1/3 more compute)"})
     report_to: str = dataclasses.field(default="jsonl", metadata={"help": "loggers, comma-separated: jsonl (always "
                                                                          "written), tensorboard, wandb"})
     exit_after_steps: int = dataclasses.field(default=-1, metadata={"help": "testing: exit abruptly after N "
-                                                                            "steps (as a kill would)"})
+                                                                            "steps (as a kill would)", "hidden": True})
     threads: int = dataclasses.field(default=0, metadata={"help": "CPU threads of each process (0: the physical "
                                                               "cores / processes per node; embedded: 2)"})
 
@@ -121,33 +123,67 @@ class FlagParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {os.path.basename(self.prog)} --help)")
 
 
-def parse_flags(cls, argv=None, preset=None):
-    """Command-line flags from a dataclass's fields (name -> --name, default -> default, the field's comment in
-    metadata["help"]). Every flag's help line shows its default; `preset` (the embedded default's overrides) is
-    listed after the flags. Returns (config, set of the flags the user gave explicitly)."""
+# --help in four groups; a flag not named here is a training flag (the algorithms' hyperparameters).
+GROUPS = {
+    "model and data": ("model", "tokenizer", "ref_model", "value_model", "data", "template", "eval_data", "max_seq_len",
+                       "truncate", "max_prompt_len", "data_cache_dir", "eval_fraction", "ref_mode", "ref_cache_dir"),
+    "training": (),
+    "parallelism and speed": ("precision", "attn_backend", "loss_impl", "dp_shard", "dp_replicate", "tp", "compile",
+                              "grad_sync", "fused_adamw", "activation_checkpointing", "threads", "tokenize_workers",
+                              "verify_workers", "micro_batch_rows", "row_capacity", "compiled_decode"),
+    "logging and output": ("output_dir", "save_every", "eval_every", "resume", "report_to", "eval_max_new_tokens"),
+}
+# flags that choose a variant of a trainer, whose defaults then change (resolve_flags' variant)
+VARIANT_FLAGS = ("algo",)
+GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's default after its description, except where there is none to show: a required flag, or a flag
+    without a default (its description says what happens then)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)r)".lstrip()
+
+
+def parse_flags(cls, argv=None, preset=None, defaults=None):
+    """Command-line flags from a dataclass's fields (name -> --name, default -> default, the field's help in
+    metadata["help"], its --help group from GROUPS; metadata["hidden"]: a test hook, not listed). Every flag's help
+    line shows its default (`defaults`: a dict that replaces some, e.g. RLVR's --algo ppo recipe); booleans take
+    true|false; `preset` (the embedded default's overrides) is listed after the flags. --debug (see
+    run.run_script) is listed too. Returns (config, set of the flags the user gave explicitly)."""
     epilog = None
     if preset:
         epilog = "with no --model (the embedded default), these replace the defaults above unless given: " + \
                  ", ".join(f"{k}={v}" for k, v in preset.items())
-    parser = FlagParser(description=cls.__doc__, epilog=epilog)
+    parser = FlagParser(description=cls.__doc__, epilog=epilog, formatter_class=HelpFormatter)
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
-            conv = _parse_bool
+            conv, metavar = _parse_bool, "true|false"
         elif kind in (int, float, str):
-            conv = kind
+            conv, metavar = kind, kind.__name__.upper()
         else:
             raise TypeError(f"flag --{f.name}: unsupported type {kind}")
-        # the default spelled out here: argparse's ArgumentDefaultsHelpFormatter skips flags without help text
         text = f.metadata.get("help", "").replace("%", "%%")
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: %(default)r)".lstrip())
-    args = parser.parse_args(argv)
+        default = (defaults or {}).get(f.name, f.default)
+        groups[GROUP_OF.get(f.name, "training")].add_argument(
+            f"--{f.name}", type=conv, default=default, metavar=metavar,
+            help=argparse.SUPPRESS if f.metadata.get("hidden") else text)
+    groups["logging and output"].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                              help="a user error shows its whole traceback (also NANOTULU_DEBUG=1)")
+    args = vars(parser.parse_args(argv))
+    args.pop("debug", None)  # run_script has acted on it already
     argv = sys.argv[1:] if argv is None else argv
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    return cls(**vars(args)), given
+    return cls(**args), given
 
 
 def _parse_bool(s):
@@ -167,10 +203,20 @@ def resolve_flags(cls, preset, argv, variant=None):
     """The run's flags: the command line over the defaults; variant(cfg) -> dict: defaults that depend on another
     flag (RLVR's --algo ppo); with no --model the embedded preset (a dict, or a function of the flags giving one)
     over the defaults the command line leaves alone."""
-    shown = preset(cls()) if callable(preset) else preset  # --help lists the preset of the default flags
-    cfg, given = parse_flags(cls, argv, shown)
+    base, defaults = cls(), None
     if variant is not None:
-        cfg = apply_preset(cfg, variant(cfg), given)
+        # the variant's defaults are the parser's (--algo ppo --help shows PPO's): the flag choosing the variant is
+        # read first, from a parse that ignores the rest and never prints help
+        first = FlagParser(add_help=False)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for name in VARIANT_FLAGS:
+            if name in known:
+                first.add_argument(f"--{name}", default=known[name].default)
+        chosen, _ = first.parse_known_args(sys.argv[1:] if argv is None else argv)
+        base = dataclasses.replace(base, **vars(chosen))
+        defaults = variant(base)
+    shown = preset(base) if callable(preset) else preset  # --help lists the preset of the default flags
+    cfg, given = parse_flags(cls, argv, shown, defaults)
     if cfg.model:
         return cfg
     return apply_preset(cfg, preset(cfg) if callable(preset) else preset, given)

@@ -38,8 +38,9 @@ class DPOConfig(TrainFlags):
     ref_model: str = shared("ref_model", "")
     loss_type: str = field(default="dpo_norm", metadata={"help": "dpo | dpo_norm | simpo | ipo"})
     beta: float = shared("beta", 5.0)
-    gamma_beta_ratio: float = 0.3
-    label_smoothing: float = 0.0
+    gamma_beta_ratio: float = field(default=0.3, metadata={"help": "SimPO: target reward margin / beta"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: assumed share of flipped "
+                                                                  "preference labels"})
     max_seq_len: int = shared("max_seq_len", 2048, "per sequence; a row holds 2 x this many tokens")
     truncate: bool = shared("truncate", True, "cut over-long answers (false: drop the pair)")
     epochs: int = shared("epochs", 1)

@@ -50,21 +50,22 @@ class RLVRConfig(TrainFlags):
     ref_model: str = shared("ref_model", "", "frozen reference for the KL term; empty: --model")
     num_samples: int = field(default=16, metadata={"help": "answers sampled per prompt (the GRPO group)"})
     prompts_per_step: int = field(default=48, metadata={"help": "prompts per rollout batch, all ranks"})
-    max_prompt_len: int = 2048
-    max_new_tokens: int = 2048
-    temperature: float = 1.0
+    max_prompt_len: int = field(default=2048, metadata={"help": "longest prompt in tokens (a longer one is refused)"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "longest answer sampled, in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the log-probs use it too)"})
     beta: float = shared("beta", 0.01, "KL coefficient (0: no reference model at all)")
     kl_estimator: str = field(default="k3", metadata={"help": "k1 | k2 | k3"})
-    clip_eps: float = 0.2
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO-clip range of the policy ratio"})
     num_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     num_mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
-    reward_scale: float = 10.0
+    reward_scale: float = field(default=10.0, metadata={"help": "verifier reward of a correct answer"})
     nonstop_penalty: float = field(default=float("nan"), metadata={"help": "reward of a cut-off answer (nan: off)"})
     drop_equal_groups: bool = field(default=False, metadata={"help": "drop groups whose rewards are all equal"})
-    steps: int = 100
+    steps: int = field(default=100, metadata={"help": "rollout batches (each: generate, score, update)"})
     row_capacity: int = field(default=0, metadata={"help": "packed row length (0: max_prompt_len+max_new_tokens)"})
     verify_workers: int = field(default=0, metadata={"help": "verifier worker processes (0: in-process)"})
-    eval_max_new_tokens: int = 0
+    eval_max_new_tokens: int = field(default=0, metadata={"help": "answer length of the held-out evaluation "
+                                                                     "(0: --max_new_tokens)"})
     compiled_decode: bool = field(default=True, metadata={"help": "rollouts with the compiled, CUDA-graph decode "
                                                                   "step and a fixed cache length (CUDA only)"})
     algo: str = field(default="grpo", metadata={"help": "grpo | ppo (a value model, GAE; --algo ppo switches the "
