@@ -231,7 +231,7 @@ def test_trainer_help_shows_every_default_and_the_embedded_preset(module, cls, p
     for k, v in preset.items():
         assert f"{k}={v}" in tail, k
     if module == "nanotulu.train_sft":
-        assert "--lr LR (default: 5e-06)" in text and "max_seq_len=384, epochs=1, lr=0.001" in tail
+        assert "--lr LR peak learning rate (default: 5e-06)" in text and "max_seq_len=384, epochs=1, lr=0.001" in tail
 
 
 @pytest.mark.parametrize("module", ["nanotulu.eval", "nanotulu.decontam", "nanotulu.pipeline", "nanotulu.embedded"])
