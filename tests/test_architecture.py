@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"nanotulu.train_sft", "nanotulu.train_dpo", "nanotulu.train_rm", "nanotulu.train_rlvr", "nanotulu.pipeline"}
 # what a test may take from a script: the script's own surface, tested as a script
 SCRIPT_SURFACE = {"main", "SFTConfig", "DPOConfig", "RMConfig", "RLVRConfig", "EMBEDDED_PRESET", "EMBEDDED_PPO_PRESET",
-                  "PPO_RECIPE", "load_tasks"}
+                  "PPO_RECIPE", "variant_defaults", "load_tasks"}
 PLACEMENT = {"nanotulu.parallel", "nanotulu.checkpoint", "nanotulu.losses"}  # may touch FSDP / DTensor
 PLACEMENT_MODULES = ("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.device_mesh",
                      "torch.distributed._composable", "torch.distributed.checkpoint",

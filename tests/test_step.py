@@ -170,9 +170,12 @@ def _fsdp_worker(rank, world, port, dp_replicate):
         dist.destroy_process_group()
 
 
-def _ce_head(m):
+def _ce_head(m):  # the summed token cross-entropy of a micro-batch (the loss of the head's triple)
     from nanotulu import losses
-    return losses.loss_head("cross_entropy_sum", m["targets"], "torch")
+    from nanotulu.algos.sft import cross_entropy_sum
+
+    head = losses.loss_head(m["targets"], "torch", loss_fn=cross_entropy_sum)
+    return lambda hidden, weight: head(hidden, weight)[0]
 
 
 @pytest.mark.parametrize("dp_replicate,world", [(1, 2), (2, 4)], ids=["fsdp2", "hsdp2x2"])
