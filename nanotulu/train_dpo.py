@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanotulu import checkpoint, common, data, embedded, losses
+from nanotulu import checkpoint, common, data, embedded, lora, losses
 from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.model import num_flops_per_token
 
@@ -31,7 +31,7 @@ LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
 
 
 @dataclass
-class DPOConfig(common.RunFlags):
+class DPOConfig(lora.LoRAFlags, common.RunFlags):  # LoRA: its flags
     """Preference tuning. Defaults are Tulu 3 8B's DPO recipe; with no --model the embedded SFT model and the
     shipped synthetic preference set are used with a preset suited to them."""
     model: str = field(default="", metadata={"help": "HF directory of the SFT model; empty: the embedded one"})
@@ -407,11 +407,12 @@ def load_data(cfg, is_embedded, tok, template, rank, mix=None):
     return pairs
 
 
-def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device, use_bf16, rank, world):
+def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device, use_bf16, rank, world, tag=""):
     """The reference side of the loss, before the policy exists (the two are never in memory together):
     -> (ref_model, ref_tables): the frozen model for --ref_mode online, else for each list of pairs in pair_sets
     (training pairs, held-out pairs) the (P, 2) table of cached reference log-likelihoods (computed in one no-grad
-    pass on a cache miss, the reference model loaded at most once); (None, None) for simpo."""
+    pass on a cache miss, the reference model loaded at most once); (None, None) for simpo. tag: added to the
+    cache key (a LoRA run's NF4 base or starting adapter: lora.dpo_reference)."""
     if cfg.loss_type == "simpo":
         return None, [None] * len(pair_sets)
     if cfg.ref_mode == "online":
@@ -419,7 +420,7 @@ def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device,
         for p in ref_model.parameters():
             p.requires_grad_(False)
         return ref_model, [None] * len(pair_sets)
-    fingerprint = file_fingerprint(ref_dir)
+    fingerprint = file_fingerprint(ref_dir) + tag
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
     loaded = []
     tables = []
@@ -466,6 +467,7 @@ def held_out_metrics(model, rows, ref_logps, loss_kwargs, micro_batch_rows, devi
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(DPOConfig, EMBEDDED_PRESET, argv, "preference")
     check_flags(cfg)
+    lora.check_flags(cfg)  # LoRA
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     pairs = load_data(cfg, is_embedded, tok, template, rank)
@@ -476,17 +478,25 @@ def main(argv=None, finish=True):
     mesh = common.make_mesh(cfg, world, device)
 
     def load_placed(path):
-        return common.place(common.load_model(path, tok, device, cfg), mesh, cfg, use_bf16, seq_len=capacity)
+        m = lora.apply(common.load_model(path, tok, device, cfg), cfg, torch.bfloat16 if use_bf16 else None)  # LoRA
+        return common.place(m, mesh, cfg, use_bf16, seq_len=capacity)
 
     # --- reference log-probs, then the policy -----------------------------------------------------------------------
-    ref_model, (ref_table, eval_ref_table) = reference(cfg, cfg.ref_model or model_dir, [pairs, eval_pairs], template,
-                                                       tok, load_placed, mesh, device, use_bf16, rank, world)
-    model = load_placed(model_dir)
+    if lora.enabled(cfg):  # LoRA: the policy first; its reference is itself with the adapters off (no second model)
+        model = load_placed(model_dir)
+        ref_model, (ref_table, eval_ref_table) = lora.dpo_reference(cfg, model, reference, file_fingerprint, dict(
+            ref_dir=model_dir, pair_sets=[pairs, eval_pairs], template=template, tok=tok, mesh=mesh, device=device,
+            use_bf16=use_bf16, rank=rank, world=world))
+    else:
+        ref_model, (ref_table, eval_ref_table) = reference(cfg, cfg.ref_model or model_dir, [pairs, eval_pairs],
+                                                           template, tok, load_placed, mesh, device, use_bf16, rank,
+                                                           world)
+        model = load_placed(model_dir)
 
     def ref_logps(m, table=None):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
         table = ref_table if table is None else table
         if ref_model is not None:
-            with torch.no_grad(), common.precision(ref_model, use_bf16):
+            with torch.no_grad(), common.precision(ref_model, use_bf16), lora.adapters_off(ref_model):  # LoRA
                 return pair_logps(ref_model, m, cfg.loss_impl, common.tp_group(mesh))[0].float()
         return None if table is None else table[m["pair_ids"]]
 
@@ -529,7 +539,8 @@ def main(argv=None, finish=True):
         metrics.log(step, row, show=("loss", "rewards/accuracy", "rewards/margin", "eval/rewards/accuracy", "tok/s"))
         checkpoint.save_if_due(cfg, ckpt_dir, step, total_steps, model, optimizer, loader, rank)
     metrics.close()
-    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
+    finish_run = lora.finish_run if lora.enabled(cfg) else common.finish_run  # LoRA: adapter (+ merged) export
+    return finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":

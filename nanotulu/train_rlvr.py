@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanotulu import checkpoint, common, data, embedded, losses, ppo, rewards
+from nanotulu import checkpoint, common, data, embedded, lora, losses, ppo, rewards
 from nanotulu.data import TEMPLATE_HELP_OWN
 from nanotulu.generate import gathered, generate
 
@@ -39,7 +39,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass
-class RLVRConfig(common.RunFlags):
+class RLVRConfig(lora.LoRAFlags, common.RunFlags):  # LoRA: its flags
     """GRPO with verifiable rewards. Defaults are open-instruct's GRPO recipe for Tulu 3.1 8B; with no --model the
     embedded model (after the embedded SFT/DPO) and the shipped verifiable tasks are used with a preset."""
     model: str = field(default="", metadata={"help": "HF directory of the starting policy; empty: embedded"})
@@ -325,7 +325,8 @@ def ppo_rows(model, ref_model, value_model, group_prompts, outs, rew, cfg, capac
     rows = pad_to_agreed_rows(rows, capacity, pad_id, ("final_reward",), device)
     fill_logps(model, rows, "old_logp", cfg, device, use_bf16, tpg)
     if ref_model is not None:
-        fill_logps(ref_model, rows, "ref_logp", cfg, device, use_bf16, tpg)
+        with lora.adapters_off(ref_model):  # LoRA: the reference may be the policy itself, adapters off
+            fill_logps(ref_model, rows, "ref_logp", cfg, device, use_bf16, tpg)
     fill_values(value_model, rows, cfg, device, use_bf16, tpg)
     ppo.advantages_and_returns(rows, cfg.beta, cfg.gamma, cfg.lam, common.dp_group(mesh))
     return rows
@@ -417,6 +418,8 @@ def load_reference(cfg, ref_dir, model, load_placed):
     """The frozen reference of the KL term (None with --beta 0: no second model in memory)."""
     if cfg.beta <= 0:
         return None
+    if lora.enabled(cfg):  # LoRA: the policy with its adapters off (lora.adapters_off around each reference pass)
+        return model
     ref_model = load_placed(ref_dir, check_like=model)
     for p in ref_model.parameters():
         p.requires_grad_(False)
@@ -485,7 +488,8 @@ def build_rows(model, ref_model, group_prompts, outs, adv, keep, cfg, capacity, 
     rows = pad_to_agreed_rows(rows, capacity, pad_id, ("adv",), device)
     fill_logps(model, rows, "old_logp", cfg, device, use_bf16, tpg)
     if ref_model is not None:
-        fill_logps(ref_model, rows, "ref_logp", cfg, device, use_bf16, tpg)
+        with lora.adapters_off(ref_model):  # LoRA: the reference may be the policy itself, adapters off
+            fill_logps(ref_model, rows, "ref_logp", cfg, device, use_bf16, tpg)
     return rows
 
 
@@ -560,6 +564,10 @@ def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(RLVRConfig, embedded_preset, argv, "RLVR",
                                                                    variant=variant_defaults)
     check_flags(cfg)
+    lora.check_flags(cfg)  # LoRA
+    if cfg.lora_adapter and cfg.beta > 0:  # LoRA
+        raise ValueError("--lora_adapter with --beta > 0: the KL reference (adapters off) would be the base without "
+                         "that adapter; merge it first (--merge in its stage) and start from the merged model")
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     tasks, prompts, eval_rows = load_tasks(cfg, is_embedded, tok, template)
@@ -568,15 +576,18 @@ def main(argv=None, finish=True):
     capacity = cfg.row_capacity or cfg.max_prompt_len + cfg.max_new_tokens
     mesh = common.make_mesh(cfg, world, device)
 
-    def load_placed(path, check_like=None, score_head=None):
+    def load_placed(path, check_like=None, score_head=None, adapters=False):
         m = common.load_model(path, tok, device, cfg, score_head=score_head)
+        if adapters:  # LoRA: the policy and the value model (its score head trained too) get adapters
+            m = lora.apply(m, cfg, torch.bfloat16 if use_bf16 else None, train_head=bool(score_head))
         if check_like is not None and checkpoint.model_shape(m) != checkpoint.model_shape(check_like):
             raise ValueError(f"--ref_model {path}: its shape differs from the policy {model_dir}")
         return common.place(m, mesh, cfg, use_bf16, seq_len=capacity)
 
-    model = load_placed(model_dir)
+    model = load_placed(model_dir, adapters=True)
     ref_model = load_reference(cfg, cfg.ref_model or model_dir, model, load_placed)
-    value_model = load_placed(cfg.value_model or model_dir, score_head=True) if cfg.algo == "ppo" else None
+    value_model = load_placed(cfg.value_model or model_dir, score_head=True, adapters=True) if cfg.algo == "ppo" \
+        else None
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
     sampler = PromptSampler(len(tasks), cfg.prompts_per_step, dp_rank, dp_world, cfg.seed)
     trained, optimizer = trainables(model, value_model, cfg, device)
@@ -625,9 +636,11 @@ def main(argv=None, finish=True):
     metrics.close()
     final_acc = held_out(model, tok, eval_rows, cfg, template, rank, step)
     if value_model is not None:  # the value model too, as a reward-model checkpoint
-        checkpoint.save_hf(value_model, os.path.join(cfg.output_dir, "final_value"), None if is_embedded else tok,
-                           template, rank=rank)
-    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
+        save_hf = lora.save_merged if lora.enabled(cfg) else checkpoint.save_hf  # LoRA: adapters folded in
+        save_hf(value_model, os.path.join(cfg.output_dir, "final_value"), None if is_embedded else tok, template,
+                rank=rank)
+    finish_run = lora.finish_run if lora.enabled(cfg) else common.finish_run  # LoRA: adapter (+ merged) export
+    return finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
 
 
 def data_prompts(rows, tok, template):

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanotulu import checkpoint, common, data, embedded, losses
+from nanotulu import checkpoint, common, data, embedded, lora, losses
 from nanotulu.data import TEMPLATE_HELP
 from nanotulu.model import build_model, num_flops_per_token, resize_vocab
 
 
 @dataclass
-class SFTConfig(common.RunFlags):
+class SFTConfig(lora.LoRAFlags, common.RunFlags):  # LoRA: its flags
     """Supervised fine-tuning. Defaults are Tulu 3 8B's SFT recipe; with no --model the embedded tiny model and
     data are used with a preset suited to them."""
     model: str = field(default="", metadata={"help": "HF model directory; empty: the embedded tiny Llama"})
@@ -100,6 +100,7 @@ def load_data(cfg, is_embedded, tok, template, rank, mix=None):
 
 def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = common.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
+    lora.check_flags(cfg)  # LoRA
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)
     examples = load_data(cfg, is_embedded, tok, template, rank)
@@ -114,6 +115,7 @@ def main(argv=None, finish=True):
         resize_vocab(model, max(tok.vocab_size, model.cfg.vocab_size))
     else:
         model = common.load_model(cfg.model, tok, device, cfg)
+    model = lora.apply(model, cfg, base_dtype=torch.bfloat16 if use_bf16 else None)  # LoRA: adapters, frozen base
     mesh = common.make_mesh(cfg, world, device)
     model = common.place(model, mesh, cfg, use_bf16, seq_len=cfg.max_seq_len)
     dp_rank, dp_world = common.dp_coords(mesh, rank, world)
@@ -151,7 +153,8 @@ def main(argv=None, finish=True):
         metrics.log(step, row, show=("loss", "eval/loss", "lr", "tok/s"))
         checkpoint.save_if_due(cfg, ckpt_dir, step, total_steps, model, optimizer, loader, rank)
     metrics.close()
-    return common.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
+    finish_run = lora.finish_run if lora.enabled(cfg) else common.finish_run  # LoRA: adapter (+ merged) export
+    return finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":
