@@ -120,14 +120,17 @@ def _nf4():
     return nf4_tensor
 
 
-def to_nf4(w):
+def to_nf4(w, shards=1):
     """(out, in) float weight -> torchao NF4Tensor: blocks of 64 weights, int8 scales double-quantised in blocks
     of 256 scales (QLoRA's sizes). A matrix whose block count 256 does not divide (small test and embedded shapes)
-    uses the largest power-of-two scale block that does: the same format, a few more second-level scales."""
-    if w.numel() % NF4_BLOCK:
-        raise ValueError(f"NF4: a weight of shape {tuple(w.shape)} does not divide into blocks of {NF4_BLOCK}")
+    uses the largest power-of-two scale block that does: the same format, a few more second-level scales.
+    shards: FSDP's row shards; each must hold whole scale blocks (torchao splits the packed data, the scales and
+    the second-level scales alike)."""
+    if w.numel() % (NF4_BLOCK * shards) or w.shape[0] % shards:
+        raise ValueError(f"NF4: a weight of shape {tuple(w.shape)} does not divide into blocks of {NF4_BLOCK} "
+                         f"weights on each of {shards} FSDP shards")
     n_blocks = w.numel() // NF4_BLOCK
-    scaler_block = math.gcd(n_blocks, NF4_SCALER_BLOCK)
+    scaler_block = math.gcd(n_blocks // shards, NF4_SCALER_BLOCK)
     return _nf4().to_nf4(w.detach().contiguous(), block_size=NF4_BLOCK, scaler_block_size=scaler_block)
 
 
@@ -151,11 +154,11 @@ class LoRALinear(nn.Linear):
     y = x W^T + scale * dropout(x) A^T B^T, A (r, in), B (out, r), scale = alpha / r. rank 0: no adapter (a frozen,
     possibly quantised, projection that --lora_targets leaves out)."""
 
-    def __init__(self, base, rank, alpha, dropout, nf4=False, base_dtype=None, seed=0):
+    def __init__(self, base, rank, alpha, dropout, nf4=False, base_dtype=None, seed=0, shards=1):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         w = base.weight.detach()
-        w = to_nf4(w) if nf4 else (w if base_dtype is None else w.to(base_dtype))
+        w = to_nf4(w, shards) if nf4 else (w if base_dtype is None else w.to(base_dtype))
         self.weight = nn.Parameter(w, requires_grad=False)
         self.register_parameter("bias", None)
         self.rank, self.scale, self.dropout = rank, (alpha / rank if rank else 0.0), dropout
@@ -222,13 +225,23 @@ def apply(model, cfg, base_dtype=None, train_head=False):
             # one seed per (run seed, layer, projection): the same adapters on every rank and every restart
             seed = (cfg.seed * 1_000_003 + int(i) * 31 + j) % 2**63
             setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, cfg.lora_alpha, cfg.lora_dropout, nf4=nf4,
-                                             seed=seed))
+                                             seed=seed, shards=fsdp_shards(cfg)))
     if train_head and model.score is not None:
         model.score.weight.data = model.score.weight.data.float()
         model.score.weight.requires_grad_(True)
     if cfg.lora_adapter:
         load_adapter(model, cfg.lora_adapter)
     return model
+
+
+def fsdp_shards(cfg):
+    """The ranks FSDP will shard each weight over (parallel.build_mesh's dp_shard), read before the mesh exists."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if getattr(cfg, "dp_shard", -1) > 0:
+        return cfg.dp_shard
+    return max(1, world // (getattr(cfg, "tp", 1) * getattr(cfg, "dp_replicate", 1)))
 
 
 @contextlib.contextmanager
@@ -271,7 +284,15 @@ def distribute_adapters(model, tp_mesh):
     parameter."""
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-    for _, m in lora_modules(model):
+    mods = lora_modules(model)
+    if not mods:
+        return
+    # SequenceParallel re-registers the norm weights as new Parameters, which require grad again: a LoRA model
+    # trains its adapters (and a value model's score head) only
+    for name, p in model.named_parameters():
+        if not name.endswith((".lora_A", ".lora_B", "score.weight")):
+            p.requires_grad_(False)
+    for _, m in mods:
         if not isinstance(m.weight, DTensor) or not m.rank:
             continue
         for name in ("lora_A", "lora_B"):

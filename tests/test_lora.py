@@ -279,7 +279,9 @@ def _fsdp_worker(rank, world, port, dp, tp, nf4, ac, out):
     torch.set_num_threads(1)
     tok = data.load_tokenizer("byte")
     rows = sft_batch(tok, 4)
-    cfg = flags(quantize="nf4" if nf4 else "", lora_targets="q,k,v,o,gate,up,down")
+    # dp_shard: NF4 scale blocks are sized so each FSDP shard holds whole ones; the one-process reference quantises
+    # the same way (it is built before the process group exists)
+    cfg = flags(quantize="nf4" if nf4 else "", lora_targets="q,k,v,o,gate,up,down", dp_shard=dp)
 
     def make():
         m = lora.apply(build_model(TINY, seed=1), cfg)
