@@ -24,7 +24,7 @@ import types
 import torch
 
 from nanotulu import embedded, lora
-from nanotulu.model import LlamaConfig, build_model, resize_vocab
+from nanotulu.model import LlamaConfig, build_model
 
 LLAMA_3_1_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
@@ -44,6 +44,30 @@ def lora_flags(mode, rank, alpha):
                                  lora_adapter="", seed=0, tp=1, dp_shard=-1)
 
 
+def tensor_bytes(t):
+    if lora.is_nf4(t):  # the packed codes and scales it holds, not its logical (float) size
+        return sum(x.numel() * x.element_size() for x in (t.quantized_data, t.quantized_scalers,
+                                                           t.quantization_factor, t.scaler_mean, t.nf4))
+    return t.numel() * t.element_size()
+
+
+def measured_step_memory(model):
+    """One SFT step (fused loss) and one AdamW step on a packed row; then the bytes actually held."""
+    from nanotulu import data
+    from nanotulu.train_sft import sft_backward
+
+    tok = data.load_tokenizer("byte")
+    chat = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5."}]
+    row = data.make_row([data.tokenize_sft(chat, tok)], 64, tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sft_backward(model, [data.stack_rows([row], "cpu")], impl="torch")
+    opt.step()
+    weights = sum(tensor_bytes(p) for p in model.parameters())
+    grads = sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    state = sum(tensor_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    return {"weights": weights, "grads": grads, "optimizer": state, "total": weights + grads + state}
+
+
 def memory_tables(rank=64, alpha=16.0):
     lines = [f"Llama-3.1-8B, computed (lora.shape_memory), rank {rank} on q,k,v,o,gate,up,down:", "",
              "| method | trainable params | weights | gradients | AdamW state | total |", "|---|---|---|---|---|---|"]
@@ -54,20 +78,22 @@ def memory_tables(rank=64, alpha=16.0):
                      f"{gib(m['weights'])} | {gib(m['grads'])} | {gib(m['optimizer'])} | {gib(total)} |")
     cfg = dataclasses.replace(embedded.EMBEDDED_MODEL)
     lines += ["", f"embedded model (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, byte vocabulary), "
-              f"measured off the built model's tensors (lora.training_memory), rank {rank}:", "",
+              f"measured after one SFT step with AdamW as the CPU runs train it (frozen base in fp32 there: CPU "
+              f"runs are fp32): bytes of the parameters, of the .grad tensors and of the optimizer's state, rank "
+              f"{rank}:", "",
               "| method | trainable params | weights | gradients | AdamW state | total |", "|---|---|---|---|---|---|"]
     for mode in ("full", "lora", "qlora"):
-        model = resize_vocab(build_model(cfg, seed=0), 264)
+        model = build_model(cfg, seed=0)
         if mode != "full":
-            lora.apply(model, lora_flags(mode, rank, alpha), base_dtype=torch.bfloat16)
+            lora.apply(model, lora_flags(mode, rank, alpha))
         trainable, total_params = lora.count_params(model)
-        m = lora.training_memory(model)
+        m = measured_step_memory(model)
         lines.append(f"| {mode} | {trainable:,} ({100 * trainable / total_params:.1f}%) | {mib(m['weights'])} | "
                      f"{mib(m['grads'])} | {mib(m['optimizer'])} | {mib(m['total'])} |")
     return "\n".join(lines)
 
 
-def sft_variants(out, rank, alpha, lr_scale, only):
+def sft_variants(out, rank, alpha, lr_scale, only, max_steps=0):
     """The embedded SFT (its preset) as full fine-tuning, LoRA and QLoRA; held-out accuracy of each final/ (the
     pipeline's evaluation: greedy, 200 prompts of rlvr_test.jsonl)."""
     from nanotulu import train_sft
@@ -87,10 +113,11 @@ def sft_variants(out, rank, alpha, lr_scale, only):
             continue
         d = os.path.join(out, name)
         t = time.perf_counter()
-        train_sft.main(["--output_dir", d, "--resume", "false", *flags], finish=False)
+        steps = ["--max_steps", str(max_steps)] if max_steps else []
+        train_sft.main(["--output_dir", d, "--resume", "false", *steps, *flags], finish=False)
         dt = time.perf_counter() - t
         acc, per = held_out_accuracy(os.path.join(d, "final"), rows, EMBEDDED_MAX_NEW_TOKENS)
-        line = f"| {name} | {' '.join(flags) or '(preset)'} | {acc:.3f} | " + \
+        line = f"| {name} | {' '.join(steps + flags) or '(preset)'} | {acc:.3f} | " + \
                " | ".join(f"{per[k]:.3f}" for k in sorted(per)) + f" | {dt:.0f} s |"
         print(line, flush=True)
         results.append(line)
@@ -108,13 +135,15 @@ def main(argv=None):
                    "1e-4 vs full 2e-5)")
     p.add_argument("--only", default="", help="comma-separated subset of full,lora,qlora")
     p.add_argument("--out", default="runs/lora_bench")
+    p.add_argument("--max_steps", type=int, default=0, help="stop the SFT after this many steps (0: the preset's "
+                   "one epoch)")
     p.add_argument("--cpu-smoke", action="store_true", help="the memory tables only")
     a = p.parse_args(argv)
     if a.what == "memory" or a.cpu_smoke:
         print(memory_tables(a.rank, a.alpha))
         return
     os.makedirs(a.out, exist_ok=True)
-    sft_variants(a.out, a.rank, a.alpha, a.lr_scale, [s for s in a.only.split(",") if s])
+    sft_variants(a.out, a.rank, a.alpha, a.lr_scale, [s for s in a.only.split(",") if s], a.max_steps)
 
 
 if __name__ == "__main__":
