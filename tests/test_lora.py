@@ -318,6 +318,14 @@ def _fsdp_worker(rank, world, port, dp, tp, nf4, ac, out):
         assert sd.keys() == want.keys()
         for k in sd:
             torch.testing.assert_close(sd[k], want[k].detach(), rtol=0, atol=0)
+        # so is the merged model (the base gathered from its shards, NF4 included)
+        merged, want = lora.merged_state_dict(model), lora.merged_state_dict(ref)
+        if rank == 0:
+            assert merged.keys() == want.keys()
+            for k in merged:
+                torch.testing.assert_close(merged[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+        else:
+            assert merged == {}
         dist.barrier()
     finally:
         dist.destroy_process_group()
