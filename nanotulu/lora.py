@@ -371,7 +371,7 @@ def adapter_state_dict(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                  ignore_frozen_params=True, broadcast_from_rank0=False))
+                                                                  ignore_frozen_params=True))
         if dist.get_rank() != 0:
             sd = {}
         box = [sd]
