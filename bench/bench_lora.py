@@ -93,7 +93,7 @@ def memory_tables(rank=64, alpha=16.0):
     return "\n".join(lines)
 
 
-def sft_variants(out, rank, alpha, lr_scale, only, max_steps=0):
+def sft_variants(out, rank, alpha, lr_scale, only, max_steps=0, batch_rows=0):
     """The embedded SFT (its preset) as full fine-tuning, LoRA and QLoRA; held-out accuracy of each final/ (the
     pipeline's evaluation: greedy, 200 prompts of rlvr_test.jsonl)."""
     from nanotulu import train_sft
@@ -113,7 +113,8 @@ def sft_variants(out, rank, alpha, lr_scale, only, max_steps=0):
             continue
         d = os.path.join(out, name)
         t = time.perf_counter()
-        steps = ["--max_steps", str(max_steps)] if max_steps else []
+        steps = (["--max_steps", str(max_steps)] if max_steps else []) + \
+            (["--batch_rows", str(batch_rows)] if batch_rows else [])
         train_sft.main(["--output_dir", d, "--resume", "false", *steps, *flags], finish=False)
         dt = time.perf_counter() - t
         acc, per = held_out_accuracy(os.path.join(d, "final"), rows, EMBEDDED_MAX_NEW_TOKENS)
@@ -137,13 +138,15 @@ def main(argv=None):
     p.add_argument("--out", default="runs/lora_bench")
     p.add_argument("--max_steps", type=int, default=0, help="stop the SFT after this many steps (0: the preset's "
                    "one epoch)")
+    p.add_argument("--batch_rows", type=int, default=0, help="rows per step (0: the preset's 8)")
     p.add_argument("--cpu-smoke", action="store_true", help="the memory tables only")
     a = p.parse_args(argv)
     if a.what == "memory" or a.cpu_smoke:
         print(memory_tables(a.rank, a.alpha))
         return
     os.makedirs(a.out, exist_ok=True)
-    sft_variants(a.out, a.rank, a.alpha, a.lr_scale, [s for s in a.only.split(",") if s], a.max_steps)
+    sft_variants(a.out, a.rank, a.alpha, a.lr_scale, [s for s in a.only.split(",") if s], a.max_steps,
+                 a.batch_rows)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,23 @@ def test_only_adapter_parameters_get_gradients():
                                                                            "mlp.down_proj")}
 
 
+def test_fused_loss_and_bf16_base_give_the_reference_adapter_gradients():
+    """The default (chunked, fused) loss gives the adapters the plain-torch loss's gradients; a frozen base stored
+    in bf16 (what --precision bf16 keeps) under autocast stays within bf16 rounding of the fp32 run."""
+    tok = data.load_tokenizer("byte")
+    batch = stack_rows(sft_batch(tok), "cpu")
+    grads = {}
+    for impl, dtype, bf16 in (("torch", None, False), ("auto", None, False), ("torch", torch.bfloat16, True)):
+        model = lora.apply(build_model(TINY, seed=1), flags(), base_dtype=dtype)
+        randomise_b(model)
+        sft_backward(model, [batch], impl=impl, use_bf16=bf16)
+        grads[impl, bf16] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    ref = grads["torch", False]
+    torch.testing.assert_close(grads["auto", False], ref, rtol=1e-4, atol=1e-6)
+    rel = (grads["torch", True].float() - ref).norm() / ref.norm()
+    assert rel < 0.05, rel
+
+
 # ---- NF4 ---------------------------------------------------------------------------------------------------------
 
 
