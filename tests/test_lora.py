@@ -5,7 +5,6 @@ the base model for the DPO reference, and a single process for FSDP2 on 2 gloo r
 import json
 import os
 import types
-from dataclasses import replace
 
 import pytest
 import torch
