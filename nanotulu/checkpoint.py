@@ -40,7 +40,7 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, extra, rank, keep=2):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=state_dict_options(model))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
@@ -104,7 +104,8 @@ def load_checkpoint(path, model, optimizer, rank, world_size):
     if saved is not None and saved["mesh"] != now["mesh"]:
         raise ValueError(f"{path}: written on mesh {saved['mesh']}, this run's is {now['mesh']}: resume with the "
                          "same --dp_shard and --tp")
-    msd, osd = get_state_dict(model, optimizer)
+    options = state_dict_options(model)
+    msd, osd = get_state_dict(model, optimizer, options=options)
     sd = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
@@ -114,7 +115,7 @@ def load_checkpoint(path, model, optimizer, rank, world_size):
             # BaseException whose last line names the tensor)
             last = [line for line in str(e).splitlines() if line.strip()][-1:] or [repr(e)]
             raise ValueError(f"{path}: does not match this model/optimizer ({last[0][:300]})") from e
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=options)
     set_rng_state(extra["rng"])
     return extra
 
@@ -142,6 +143,17 @@ def barrier():
         dist.barrier()
 
 
+def state_dict_options(model):
+    """Frozen parameters (a LoRA run's base weights, nanotulu/lora.py) stay out of a checkpoint: they are the
+    --model's, reloaded at the start; the checkpoint holds the trainable parameters and their optimizer state.
+    strict=False then lets the frozen ones be absent on load (every trainable one is still read: dcp.load fills
+    the whole trainable state dict or fails)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
+
 def full_state_dict(model):
     """The whole model's state dict as plain CPU tensors (gathers FSDP/TP shards). Under a process group only rank 0
     gets it (the others an empty dict), so a large model is not held in CPU memory once per rank."""
@@ -152,13 +164,14 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_hf(model, out_dir, tok=None, template="tulu", rank=0):
+def save_hf(model, out_dir, tok=None, template="tulu", rank=0, state_dict=None):
     """Final Hugging Face checkpoint (gathered from shards). With a tokenizer (data.HFTokenizer, or the embedded
     ByteTokenizer written as an equivalent tokenizer.json), also its files as training used them: tokenizer.json,
     tokenizer_config.json holding `template` (the chat
     template trained with, as Jinja) and the eos/bos/pad tokens; config.json and generation_config.json name the
-    same token ids, so transformers' generate stops where nanotulu's does."""
-    sd = full_state_dict(model)
+    same token ids, so transformers' generate stops where nanotulu's does. state_dict: full tensors to write instead
+    of the model's own (a LoRA run's merged weights, rank 0; lora.save_merged)."""
+    sd = full_state_dict(model) if state_dict is None else state_dict
     if rank == 0:
         model.save_pretrained(out_dir, state_dict=sd)
         if tok is not None and hasattr(tok, "save"):

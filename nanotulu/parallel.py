@@ -174,6 +174,8 @@ def parallelize(model, mesh, bf16=False, compile=False, activation_checkpointing
     check_tp_shapes(model.cfg, tp, seq_len)
     if tp > 1:
         apply_tp(model, mesh["tp"])
+        from nanotulu import lora
+        lora.distribute_adapters(model, mesh["tp"])  # LoRA: adapters TP left plain become replicated DTensors
     if activation_checkpointing:
         apply_ac(model)
     if compile:

@@ -99,6 +99,13 @@ def main(argv=None):
     p.add_argument("--rl", default="grpo", choices=("grpo", "ppo", "both"), help="the RLVR stage: GRPO (stage "
                    "'rlvr'), PPO with a value model (stage 'ppo'), or both from the same DPO model (default: "
                    "%(default)s)")
+    p.add_argument("--lora", action="store_true", help="every stage trains LoRA adapters (nanotulu/lora.py's "
+                   "defaults: rank 64, alpha 16, dropout 0.1 on q,k,v,o,gate,up,down) at --lora_lr_scale x its "
+                   "preset's lr, merged into its final/ for the next stage (default: off: full fine-tuning)")
+    p.add_argument("--quantize", default="", choices=("", "nf4"), help="nf4: QLoRA, each stage's frozen base in 4-bit "
+                   "NF4 (implies --lora)")
+    p.add_argument("--lora_lr_scale", type=float, default=5.0, help="LoRA lr / full lr (Tülu 2: QLoRA 1e-4 beside "
+                   "full 2e-5) (default: %(default)s)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.output_dir
@@ -119,6 +126,12 @@ def main(argv=None):
         ("ppo", train_rlvr, ["--algo", "ppo", "--model", dpo_model, "--tokenizer", "byte", "--data",
                              embedded.asset("rlvr_train.jsonl"), "--output_dir", stage_dir["ppo"],
                              *preset_flags(train_rlvr.EMBEDDED_PPO_PRESET), *shared])]
+    if args.lora or args.quantize:  # LoRA: adapters in every stage, merged so the next stage starts from them
+        presets = {"sft": train_sft.EMBEDDED_PRESET, "dpo": train_dpo.EMBEDDED_PRESET,
+                   "rlvr": train_rlvr.EMBEDDED_PRESET, "ppo": train_rlvr.EMBEDDED_PPO_PRESET}
+        stages = [(name, trainer, flags + ["--lora", "true", "--merge", "true", "--quantize", args.quantize, "--lr",
+                                           str(presets[name]["lr"] * args.lora_lr_scale)])
+                  for name, trainer, flags in stages]
     stages = [st for st in stages if st[0] in ("sft", "dpo") or {"grpo": "rlvr", "ppo": "ppo"}.get(args.rl, st[0])
               == st[0]]
 

@@ -18,7 +18,7 @@ from dataclasses import field
 
 import torch
 
-from nanotulu import checkpoint, data, embedded, parallel, run
+from nanotulu import checkpoint, data, embedded, lora, parallel, run
 from nanotulu.algos.dpo import (DPO_SUMS, LOSS_TYPES, DPOParams, compute_ref_logps, dpo_backward, file_fingerprint,
                                 held_out_metrics, load_or_compute_ref, pair_logps, ref_cache_key)
 from nanotulu.flags import TrainFlags, pick, recipe, shared
@@ -32,7 +32,7 @@ from nanotulu.train_sft import embedded_sft_model
                   data="mix 'file[:amount],...' of chosen/rejected rows",
                   eval_data="held-out mix, as --data: reward accuracy and margin logged as eval/...",
                   eval_every="held-out metrics every N steps and at the end (0: at the end)"))
-class DPOConfig(TrainFlags):
+class DPOConfig(TrainFlags, lora.LoRAFlags):  # LoRA: its flags
     """Preference tuning. Defaults are Tulu 3 8B's DPO recipe; with no --model the embedded SFT model and the
     shipped synthetic preference set are used with a preset suited to them."""
     ref_model: str = shared("ref_model", "")
@@ -90,7 +90,7 @@ def load_data(cfg, is_embedded, tok, template, rank, mix=None):
     return pairs
 
 
-def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device, use_bf16, rank, world):
+def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device, use_bf16, rank, world, tag=""):
     """The reference side of the loss, before the policy exists (the two are never in memory together):
     -> (ref_model, ref_tables): the frozen model for --ref_mode online, else for each list of pairs in pair_sets
     (training pairs, held-out pairs) the (P, 2) table of cached reference log-likelihoods (computed in one no-grad
@@ -102,7 +102,7 @@ def reference(cfg, ref_dir, pair_sets, template, tok, load_placed, mesh, device,
         for p in ref_model.parameters():
             p.requires_grad_(False)
         return ref_model, [None] * len(pair_sets)
-    fingerprint = file_fingerprint(ref_dir)
+    fingerprint = file_fingerprint(ref_dir) + tag  # tag: a LoRA run's NF4 base or starting adapter
     dp_rank, dp_world = parallel.dp_coords(mesh, rank, world)
     loaded = []
     tables = []
@@ -131,6 +131,7 @@ def main(argv=None, finish=True):
     if done := run.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
         return done
     check_flags(cfg)
+    lora.check_flags(cfg)  # LoRA
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     if rank == 0:
@@ -143,17 +144,25 @@ def main(argv=None, finish=True):
     mesh = parallel.make_mesh(cfg, world, device)
 
     def load_placed(path):
-        return parallel.place(run.load_model(path, tok, device, cfg), mesh, cfg, use_bf16, seq_len=capacity)
+        m = lora.apply(run.load_model(path, tok, device, cfg), cfg, torch.bfloat16 if use_bf16 else None)  # LoRA
+        return parallel.place(m, mesh, cfg, use_bf16, seq_len=capacity)
 
     # --- reference log-probs, then the policy -----------------------------------------------------------------------
-    ref_model, (ref_table, eval_ref_table) = reference(cfg, cfg.ref_model or model_dir, [pairs, eval_pairs], template,
-                                                       tok, load_placed, mesh, device, use_bf16, rank, world)
-    model = load_placed(model_dir)
+    if lora.enabled(cfg):  # LoRA: the policy first; its reference is itself with the adapters off (no second model)
+        model = load_placed(model_dir)
+        ref_model, (ref_table, eval_ref_table) = lora.dpo_reference(cfg, model, reference, file_fingerprint, dict(
+            ref_dir=model_dir, pair_sets=[pairs, eval_pairs], template=template, tok=tok, mesh=mesh, device=device,
+            use_bf16=use_bf16, rank=rank, world=world))
+    else:
+        ref_model, (ref_table, eval_ref_table) = reference(cfg, cfg.ref_model or model_dir, [pairs, eval_pairs],
+                                                           template, tok, load_placed, mesh, device, use_bf16, rank,
+                                                           world)
+        model = load_placed(model_dir)
 
     def ref_logps(m, table=None):  # (P, 2) reference log-likelihoods of a micro-batch's pairs, or None (simpo)
         table = ref_table if table is None else table
         if ref_model is not None:
-            with torch.no_grad(), parallel.precision(ref_model, use_bf16):
+            with torch.no_grad(), parallel.precision(ref_model, use_bf16), lora.adapters_off(ref_model):  # LoRA
                 return pair_logps(ref_model, m, cfg.loss_impl, parallel.tp_group(mesh))[0].float()
         return None if table is None else table[m["pair_ids"]]
 
@@ -195,7 +204,8 @@ def main(argv=None, finish=True):
         metrics.log(step, row, show=("loss", "rewards/accuracy", "rewards/margin", "eval/rewards/accuracy", "tok/s"))
         checkpoint.save_if_due(cfg, ckpt_dir, step, total_steps, model, optimizer, loader, rank)
     metrics.close()
-    return run.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
+    finish_run = lora.finish_run if lora.enabled(cfg) else run.finish_run  # LoRA: adapter (+ merged) export
+    return finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dataclasses import field
 
 import torch
 
-from nanotulu import checkpoint, data, embedded, parallel, rewards, run
+from nanotulu import checkpoint, data, embedded, lora, parallel, rewards, run
 from nanotulu.algos.grpo import GRPO_SUMS, KL_ESTIMATORS, GRPOParams, build_rows, group_advantages, update
 from nanotulu.algos.ppo import PPO_SUMS, PPOParams, ppo_rows, ppo_update
 from nanotulu.algos.rollout import PromptSampler, RolloutParams, UpdateSchedule, rollout, score
@@ -44,7 +44,7 @@ from nanotulu.train_sft import embedded_sft_model
                   eval_data="held-out RLVR rows for accuracy, a mix as --data",
                   eval_every="held-out accuracy every N steps (0: start and end)",
                   micro_batch_rows="rows per forward/backward"))
-class RLVRConfig(TrainFlags):
+class RLVRConfig(TrainFlags, lora.LoRAFlags):  # LoRA: its flags
     """GRPO with verifiable rewards. Defaults are open-instruct's GRPO recipe for Tulu 3.1 8B; with no --model the
     embedded model (after the embedded SFT/DPO) and the shipped verifiable tasks are used with a preset."""
     ref_model: str = shared("ref_model", "", "frozen reference for the KL term; empty: --model")
@@ -141,6 +141,8 @@ def load_reference(cfg, ref_dir, model, load_placed):
     """The frozen reference of the KL term (None with --beta 0: no second model in memory)."""
     if cfg.beta <= 0:
         return None
+    if lora.enabled(cfg):  # LoRA: the policy with its adapters off (lora.adapters_off around each reference pass)
+        return model
     ref_model = load_placed(ref_dir, check_like=model)
     for p in ref_model.parameters():
         p.requires_grad_(False)
@@ -211,6 +213,10 @@ def main(argv=None, finish=True):
     if done := run.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
         return done
     check_flags(cfg)
+    lora.check_flags(cfg)  # LoRA
+    if cfg.lora_adapter and cfg.beta > 0:  # LoRA
+        raise ValueError("--lora_adapter with --beta > 0: the KL reference (adapters off) would be the base without "
+                         "that adapter; merge it first (--merge in its stage) and start from the merged model")
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)  # a bad --template fails before any work
     if rank == 0:
@@ -221,15 +227,18 @@ def main(argv=None, finish=True):
     capacity = cfg.row_capacity or cfg.max_prompt_len + cfg.max_new_tokens
     mesh = parallel.make_mesh(cfg, world, device)
 
-    def load_placed(path, check_like=None, score_head=None):
+    def load_placed(path, check_like=None, score_head=None, adapters=False):
         m = run.load_model(path, tok, device, cfg, score_head=score_head)
+        if adapters:  # LoRA: the policy and the value model (its score head trained too) get adapters
+            m = lora.apply(m, cfg, torch.bfloat16 if use_bf16 else None, train_head=bool(score_head))
         if check_like is not None and checkpoint.model_shape(m) != checkpoint.model_shape(check_like):
             raise ValueError(f"--ref_model {path}: its shape differs from the policy {model_dir}")
         return parallel.place(m, mesh, cfg, use_bf16, seq_len=capacity)
 
-    model = load_placed(model_dir)
+    model = load_placed(model_dir, adapters=True)
     ref_model = load_reference(cfg, cfg.ref_model or model_dir, model, load_placed)
-    value_model = load_placed(cfg.value_model or model_dir, score_head=True) if cfg.algo == "ppo" else None
+    value_model = load_placed(cfg.value_model or model_dir, score_head=True, adapters=True) if cfg.algo == "ppo" \
+        else None
     dp_rank, dp_world = parallel.dp_coords(mesh, rank, world)
     sampler = PromptSampler(len(tasks), cfg.prompts_per_step, dp_rank, dp_world, cfg.seed)
     trained, optimizer = trainables(model, value_model, cfg, device)
@@ -280,9 +289,11 @@ def main(argv=None, finish=True):
     metrics.close()
     final_acc = held_out(model, tok, eval_rows, cfg, template, rank, step)
     if value_model is not None:  # the value model too, as a reward-model checkpoint
-        checkpoint.save_hf(value_model, os.path.join(cfg.output_dir, "final_value"), None if is_embedded else tok,
-                           template, rank=rank)
-    return run.finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
+        save_hf = lora.save_merged if lora.enabled(cfg) else checkpoint.save_hf  # LoRA: adapters folded in
+        save_hf(value_model, os.path.join(cfg.output_dir, "final_value"), None if is_embedded else tok, template,
+                rank=rank)
+    finish_run = lora.finish_run if lora.enabled(cfg) else run.finish_run  # LoRA: adapter (+ merged) export
+    return finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
 
 
 def data_prompts(rows, tok, template):

@@ -13,7 +13,9 @@ fused linear cross-entropy kernel: the logits never exist.
 import os
 import time
 
-from nanotulu import checkpoint, data, embedded, parallel, run
+import torch
+
+from nanotulu import checkpoint, data, embedded, lora, parallel, run
 from nanotulu.algos.sft import held_out_loss, sft_backward
 from nanotulu.flags import TrainFlags, recipe, shared
 from nanotulu.model import build_model, num_flops_per_token, resize_vocab
@@ -24,7 +26,7 @@ from nanotulu.model import build_model, num_flops_per_token, resize_vocab
                   data="mix 'file[:amount],...' of SFT rows (amount: 0.5 = fraction, 500 = rows)",
                   eval_data="held-out mix, as --data: its loss logged as eval/loss",
                   micro_batch_rows="rows per forward/backward on each rank"))
-class SFTConfig(TrainFlags):
+class SFTConfig(TrainFlags, lora.LoRAFlags):  # LoRA: its flags
     """Supervised fine-tuning. Defaults are Tulu 3 8B's SFT recipe; with no --model the embedded tiny model and
     data are used with a preset suited to them."""
     max_seq_len: int = shared("max_seq_len", 4096, "row capacity in tokens; longer examples truncated")
@@ -68,6 +70,7 @@ def main(argv=None, finish=True):
     cfg, is_embedded, rank, world, device, use_bf16 = run.start(SFTConfig, EMBEDDED_PRESET, argv, "SFT")
     if done := run.finished_run(cfg, rank, finish):  # a rerun of a finished run: its final/
         return done
+    lora.check_flags(cfg)  # LoRA
     tok = data.load_tokenizer(cfg.tokenizer or ("byte" if is_embedded else cfg.model))
     template = data.resolve_template(cfg.template, tok)
     if rank == 0:
@@ -84,6 +87,7 @@ def main(argv=None, finish=True):
         resize_vocab(model, max(tok.vocab_size, model.cfg.vocab_size))
     else:
         model = run.load_model(cfg.model, tok, device, cfg)
+    model = lora.apply(model, cfg, base_dtype=torch.bfloat16 if use_bf16 else None)  # LoRA: adapters, frozen base
     mesh = parallel.make_mesh(cfg, world, device)
     model = parallel.place(model, mesh, cfg, use_bf16, seq_len=cfg.max_seq_len)
     dp_rank, dp_world = parallel.dp_coords(mesh, rank, world)
@@ -121,7 +125,8 @@ def main(argv=None, finish=True):
         metrics.log(step, row, show=("loss", "eval/loss", "lr", "tok/s"))
         checkpoint.save_if_due(cfg, ckpt_dir, step, total_steps, model, optimizer, loader, rank)
     metrics.close()
-    return run.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
+    finish_run = lora.finish_run if lora.enabled(cfg) else run.finish_run  # LoRA: adapter (+ merged) export
+    return finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":
