@@ -164,6 +164,27 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def trainable_state_dict(model):
+    """{name: full CPU tensor} of the trainable parameters only (a LoRA run's adapters: the frozen base never
+    travels), gathered from FSDP / TP shards. Under a process group every rank must call it; all get the tensors."""
+    if not dist.is_initialized():
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=True))
+    box = [sd if dist.get_rank() == 0 else {}]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gathered_tensor(t):
+    """t as one plain tensor: a DTensor (FSDP / TP shard) gathered, which every rank must call in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def save_hf(model, out_dir, tok=None, template="tulu", rank=0, state_dict=None):
     """Final Hugging Face checkpoint (gathered from shards). With a tokenizer (data.HFTokenizer, or the embedded
     ByteTokenizer written as an equivalent tokenizer.json), also its files as training used them: tokenizer.json,

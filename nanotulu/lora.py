@@ -57,9 +57,9 @@ class LoRAFlags:
     """The adapter flags every policy trainer has (Tülu 2's QLoRA: rank 64, alpha 16, dropout 0.1, all
     attention and feed-forward projections)."""
     lora: bool = dataclasses.field(default=False, metadata={"help": "train LoRA adapters on a frozen base"})
-    lora_rank: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
+    lora_rank: int = dataclasses.field(default=64, metadata={"help": "rank r of each adapter (B A: (out, r) x (r, in))"})
+    lora_alpha: float = dataclasses.field(default=16.0, metadata={"help": "adapter scale alpha / r"})
+    lora_dropout: float = dataclasses.field(default=0.1, metadata={"help": "dropout on the adapters' input"})
     lora_targets: str = dataclasses.field(default="q,k,v,o,gate,up,down", metadata={
         "help": "projections that get adapters: " + ", ".join(TARGETS)})
     quantize: str = dataclasses.field(default="", metadata={
@@ -276,31 +276,6 @@ def dpo_reference(cfg, model, reference, fingerprint, kw):
     return None, tables
 
 
-def distribute_adapters(model, tp_mesh):
-    """After tensor parallel (parallel.apply_tp): ColwiseParallel shards every parameter of an adapted projection on
-    dim 0 (W and B by output rows, A by rank: the forward then gathers the (tokens, r) activations, a small
-    exchange), RowwiseParallel only the weight; here the adapters it left as plain tensors become replicated
-    DTensors, so each forward runs in DTensor arithmetic (correct for any placement) and FSDP sees one kind of
-    parameter."""
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
-
-    mods = lora_modules(model)
-    if not mods:
-        return
-    # SequenceParallel re-registers the norm weights as new Parameters, which require grad again: a LoRA model
-    # trains its adapters (and a value model's score head) only
-    for name, p in model.named_parameters():
-        if not name.endswith((".lora_A", ".lora_B", "score.weight")):
-            p.requires_grad_(False)
-    for _, m in mods:
-        if not isinstance(m.weight, DTensor) or not m.rank:
-            continue
-        for name in ("lora_A", "lora_B"):
-            p = getattr(m, name)
-            if not isinstance(p, DTensor):
-                setattr(m, name, nn.Parameter(distribute_tensor(p.detach(), tp_mesh, [Replicate()])))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Counting
 
@@ -365,20 +340,9 @@ def peft_key(name, part):
 def adapter_state_dict(model):
     """{PEFT key: full CPU tensor} of every adapter (gathered from FSDP / TP shards; only the trainable parameters
     travel, never the base). Under a process group every rank must call it; all get the tensors."""
-    import torch.distributed as dist
+    from nanotulu.checkpoint import trainable_state_dict
 
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                  ignore_frozen_params=True))
-        if dist.get_rank() != 0:
-            sd = {}
-        box = [sd]
-        dist.broadcast_object_list(box, src=0)
-        sd = box[0]
-    else:
-        sd = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    sd = trainable_state_dict(model)
     out = {}
     for name, t in sd.items():
         name = clean_name(name)
@@ -485,7 +449,8 @@ def merged_state_dict(model, dtype=torch.float32):
     torchao), no lora_* keys. On a placed model every rank calls it (full tensors gathered, on rank 0 only; the
     others get {})."""
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+
+    from nanotulu.checkpoint import gathered_tensor
 
     sd, mods = {}, dict(lora_modules(model))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -493,13 +458,12 @@ def merged_state_dict(model, dtype=torch.float32):
         name = clean_name(name)
         if name.endswith((".lora_A", ".lora_B")):
             continue
-        if isinstance(p, DTensor):
-            p = p.full_tensor()  # collective: every rank, in the same order
+        p = gathered_tensor(p)  # collective for a shard: every rank, in the same order
         w = dequantize(p).to(dtype) if rank0 else None
         owner = mods.get(name.removesuffix(".weight"))
         if owner is not None and owner.rank:
             a, b = owner.lora_A, owner.lora_B
-            a, b = (t.full_tensor() if isinstance(t, DTensor) else t for t in (a, b))
+            a, b = gathered_tensor(a), gathered_tensor(b)
             if rank0:
                 w = w + owner.scale * (b.to(dtype) @ a.to(dtype))
         if rank0:
@@ -515,21 +479,14 @@ def save_merged(model, out_dir, tok=None, template="tulu", rank=0):
     checkpoint.save_hf(model, out_dir, tok=tok, template=template, rank=rank, state_dict=sd)
 
 
-def finish_run(cfg, model, is_embedded, tok, rank, finish=True, template="tulu"):
-    """run.finish_run for a LoRA run: the PEFT adapter in output_dir/adapter (its base: --model), and with
+def export(cfg, model, is_embedded, tok, rank, template="tulu"):
+    """run.finish_run's export for a LoRA run: the PEFT adapter in output_dir/adapter (its base: --model), and with
     --merge (always for the embedded model, whose base exists nowhere else) the merged Hugging Face model in
-    output_dir/final. Returns final/ when merged, else adapter/."""
-    from nanotulu import run
-
+    output_dir/final. -> (final/ when merged, else adapter/; what was saved, in words)."""
     adapter_dir = save_adapter(model, cfg, os.path.join(cfg.output_dir, "adapter"), os.path.abspath(cfg.model)
                                if cfg.model else "", rank)
-    out = adapter_dir
-    if cfg.merge or is_embedded:
-        out = os.path.join(cfg.output_dir, "final")
-        save_merged(model, out, tok, template, rank)
-    if rank == 0:
-        print(f"saved {adapter_dir}" + (f" and the merged model {out}" if out != adapter_dir else ""))
-        run.release_run_dir(cfg.output_dir)
-    if finish:
-        run.finish_distributed()
-    return out
+    if not (cfg.merge or is_embedded):
+        return adapter_dir, adapter_dir
+    out = os.path.join(cfg.output_dir, "final")
+    save_merged(model, out, tok, template, rank)
+    return out, f"{adapter_dir} and the merged model {out}"

@@ -167,6 +167,33 @@ def apply_fsdp(model, dp_mesh, bf16):
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
+def replicate_adapters(model, tp_mesh):
+    """After tensor parallel (parallel.apply_tp): ColwiseParallel shards every parameter of an adapted projection on
+    dim 0 (W and B by output rows, A by rank: the forward then gathers the (tokens, r) activations, a small
+    exchange), RowwiseParallel only the weight; here the adapters it left as plain tensors become replicated
+    DTensors, so each forward runs in DTensor arithmetic (correct for any placement) and FSDP sees one kind of
+    parameter."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from nanotulu.lora import lora_modules
+
+    mods = lora_modules(model)
+    if not mods:
+        return
+    # SequenceParallel re-registers the norm weights as new Parameters, which require grad again: a LoRA model
+    # trains its adapters (and a value model's score head) only
+    for name, p in model.named_parameters():
+        if not name.endswith((".lora_A", ".lora_B", "score.weight")):
+            p.requires_grad_(False)
+    for _, m in mods:
+        if not isinstance(m.weight, DTensor) or not m.rank:
+            continue
+        for name in ("lora_A", "lora_B"):
+            p = getattr(m, name)
+            if not isinstance(p, DTensor):
+                setattr(m, name, torch.nn.Parameter(distribute_tensor(p.detach(), tp_mesh, [Replicate()])))
+
+
 def parallelize(model, mesh, bf16=False, compile=False, activation_checkpointing=False, seq_len=None):
     """Places `model` (fp32 weights, on its device) on `mesh` from build_mesh, in place; returns it.
     seq_len: the row capacity, checked against tp now rather than at the first forward."""
@@ -174,8 +201,7 @@ def parallelize(model, mesh, bf16=False, compile=False, activation_checkpointing
     check_tp_shapes(model.cfg, tp, seq_len)
     if tp > 1:
         apply_tp(model, mesh["tp"])
-        from nanotulu import lora
-        lora.distribute_adapters(model, mesh["tp"])  # LoRA: adapters TP left plain become replicated DTensors
+        replicate_adapters(model, mesh["tp"])  # LoRA: adapters TP left plain become replicated DTensors
     if activation_checkpointing:
         apply_ac(model)
     if compile:

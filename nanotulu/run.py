@@ -499,13 +499,16 @@ def exit_if_asked(cfg, step):
 def finish_run(cfg, model, is_embedded, tok, rank, finish=True, template="tulu"):
     """Every trainer's last lines: the Hugging Face checkpoint in output_dir/final (with the tokenizer as trained:
     its files and the chat `template` used), then the process group closed unless the caller
-    runs more stages in this process."""
-    from nanotulu import checkpoint
+    runs more stages in this process. A LoRA run writes its adapter (and the merged model): lora.export."""
+    from nanotulu import checkpoint, lora
 
-    out = os.path.join(cfg.output_dir, "final")
-    checkpoint.save_hf(model, out, tok=tok, template=template, rank=rank)
+    if lora.enabled(cfg):
+        out, saved = lora.export(cfg, model, is_embedded, tok, rank, template)
+    else:
+        out = saved = os.path.join(cfg.output_dir, "final")
+        checkpoint.save_hf(model, out, tok=tok, template=template, rank=rank)
     if rank == 0:
-        print(f"saved {out}")
+        print(f"saved {saved}")
         release_run_dir(cfg.output_dir)
     if finish:
         finish_distributed()

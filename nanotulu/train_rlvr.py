@@ -292,8 +292,7 @@ def main(argv=None, finish=True):
         save_hf = lora.save_merged if lora.enabled(cfg) else checkpoint.save_hf  # LoRA: adapters folded in
         save_hf(value_model, os.path.join(cfg.output_dir, "final_value"), None if is_embedded else tok, template,
                 rank=rank)
-    finish_run = lora.finish_run if lora.enabled(cfg) else run.finish_run  # LoRA: adapter (+ merged) export
-    return finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
+    return run.finish_run(cfg, model, is_embedded, tok, rank, finish, template), final_acc
 
 
 def data_prompts(rows, tok, template):

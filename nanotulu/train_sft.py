@@ -125,8 +125,7 @@ def main(argv=None, finish=True):
         metrics.log(step, row, show=("loss", "eval/loss", "lr", "tok/s"))
         checkpoint.save_if_due(cfg, ckpt_dir, step, total_steps, model, optimizer, loader, rank)
     metrics.close()
-    finish_run = lora.finish_run if lora.enabled(cfg) else run.finish_run  # LoRA: adapter (+ merged) export
-    return finish_run(cfg, model, is_embedded, tok, rank, finish, template)
+    return run.finish_run(cfg, model, is_embedded, tok, rank, finish, template)
 
 
 if __name__ == "__main__":
