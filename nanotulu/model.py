@@ -37,6 +37,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -228,7 +229,11 @@ def attention_meta(backend, cu_seqlens, B, T, device, max_seqlen=None, per_docum
     if cu_seqlens is None:
         return None
     cu = cu_seqlens.to(device=device, dtype=torch.int32)
-    if backend == "sdpa" and (device.type == "cpu" if per_document is None else per_document):
+    if per_document is None:
+        # single-process CPU runs only: a 2-rank gloo PPO step with it differed from one process by 4e-4 (relative,
+        # one norm weight's change; tests/test_ppo_step.py) for a reason not yet found, while the mask agrees
+        per_document = device.type == "cpu" and (not dist.is_initialized() or dist.get_world_size() == 1)
+    if backend == "sdpa" and per_document:
         bounds = cu_seqlens.tolist()
         return list(zip(bounds[:-1], bounds[1:]))
     if backend == "sdpa":
