@@ -123,8 +123,9 @@ def sft_variants(out, rank, alpha, lr_scale, only, max_steps=0, batch_rows=0):
                         *flags], check=True)
         dt = time.perf_counter() - t
         # the pipeline's held-out evaluation: greedy, the byte tokenizer, the embedded answer length
-        res = evaluate(Llama.from_pretrained(os.path.join(d, "final"), dtype=torch.float32), data.load_tokenizer("byte"),
-                       rows, batch_size=256, max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, progress=False)
+        model = Llama.from_pretrained(os.path.join(d, "final"), dtype=torch.float32)
+        res = evaluate(model, data.load_tokenizer("byte"), rows, batch_size=256,
+                       max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, progress=False)
         acc, per = res["overall"]["score"], {k: v["score"] for k, v in res["datasets"].items()}
         line = f"| {name} | {' '.join(steps + flags) or '(preset)'} | {acc:.3f} | " + \
                " | ".join(f"{per[k]:.3f}" for k in sorted(per)) + f" | {dt:.0f} s |"

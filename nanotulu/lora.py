@@ -57,7 +57,7 @@ class LoRAFlags:
     """The adapter flags every policy trainer has (Tülu 2's QLoRA: rank 64, alpha 16, dropout 0.1, all
     attention and feed-forward projections)."""
     lora: bool = dataclasses.field(default=False, metadata={"help": "train LoRA adapters on a frozen base"})
-    lora_rank: int = dataclasses.field(default=64, metadata={"help": "rank r of each adapter (B A: (out, r) x (r, in))"})
+    lora_rank: int = dataclasses.field(default=64, metadata={"help": "rank r of each adapter: B (out, r) x A (r, in)"})
     lora_alpha: float = dataclasses.field(default=16.0, metadata={"help": "adapter scale alpha / r"})
     lora_dropout: float = dataclasses.field(default=0.1, metadata={"help": "dropout on the adapters' input"})
     lora_targets: str = dataclasses.field(default="q,k,v,o,gate,up,down", metadata={

@@ -103,7 +103,7 @@ def main(argv=None):
                    "defaults: rank 64, alpha 16, dropout 0.1 on q,k,v,o,gate,up,down) at --lora_lr_scale x its "
                    "preset's lr, merged into its final/ for the next stage (default: off: full fine-tuning)")
     p.add_argument("--quantize", default="", choices=("", "nf4"), help="nf4: QLoRA, each stage's frozen base in 4-bit "
-                   "NF4 (implies --lora)")
+                   "NF4 (implies --lora) (default: '': full-precision base)")
     p.add_argument("--lora_lr_scale", type=float, default=5.0, help="LoRA lr / full lr (Tülu 2: QLoRA 1e-4 beside "
                    "full 2e-5) (default: %(default)s)")
     args = p.parse_args(argv)

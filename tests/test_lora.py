@@ -258,7 +258,8 @@ def test_dpo_reference_with_adapters_off_is_the_base_model():
     assert (on - want).abs().max() > 1e-3  # the adapters do change the policy
     # a DPO step of the adapted policy against that reference: gradients reach the adapters only
     policy.train()
-    dpo_backward(policy, [batch], lambda m: want[m["pair_ids"]], DPOParams(loss_type="dpo_norm", beta=5.0), impl="torch")
+    hp = DPOParams(loss_type="dpo_norm", beta=5.0)
+    dpo_backward(policy, [batch], lambda m: want[m["pair_ids"]], hp, impl="torch")
     assert all((p.grad is not None) == p.requires_grad for p in policy.parameters())
 
 

@@ -230,7 +230,8 @@ def test_trainer_help_shows_every_default_and_the_embedded_preset(module, cls, p
     for k, v in preset.items():
         assert f"{k}={v}" in tail, k
     if module == "nanotulu.train_sft":
-        assert "--lr FLOAT peak learning rate (default: 5e-06)" in text and "max_seq_len=384, epochs=1, lr=0.001" in tail
+        assert "--lr FLOAT peak learning rate (default: 5e-06)" in text
+        assert "max_seq_len=384, epochs=1, lr=0.001" in tail
 
 
 NO_DEFAULT = {"nanotulu.eval": ("--model", "--data", "--tokenizer", "--template", "--add_bos", "--compile"),
