@@ -10,9 +10,9 @@ import dataclasses
 import torch
 
 from nanotulu.algos.ppo import policy_loss
-from nanotulu.algos.rollout import fill_logps, mini_batches, pad_to_agreed_rows, rollout_rows, token_logps
+from nanotulu.algos.rollout import (fill_old_and_ref_logps, mini_batches, pad_to_agreed_rows, rollout_rows,
+                                     token_logps)
 from nanotulu.parallel import all_reduce_sum, dp_group, grad_sync_on_last, precision, tp_group
-from nanotulu.lora import adapters_off
 from nanotulu.run import optimizer_step
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -72,11 +72,7 @@ def build_rows(model, ref_model, group_prompts, outs, adv, keep, hp, capacity, p
     rows = rollout_rows([group_prompts[i] for i in keep], [outs[i]["tokens"] for i in keep],
                         {"adv": adv[keep].tolist()}, capacity, pad_id)
     rows = pad_to_agreed_rows(rows, capacity, pad_id, ("adv",), device)
-    fill_logps(model, rows, "old_logp", hp.temperature, hp.loss_impl, hp.micro_batch_rows, device, use_bf16, tpg)
-    if ref_model is not None:
-        with adapters_off(ref_model):  # LoRA: the reference may be the policy itself, adapters off
-            fill_logps(ref_model, rows, "ref_logp", hp.temperature, hp.loss_impl, hp.micro_batch_rows, device,
-                       use_bf16, tpg)
+    fill_old_and_ref_logps(model, ref_model, rows, hp, device, use_bf16, tpg)
     return rows
 
 

@@ -21,8 +21,8 @@ import dataclasses
 import torch
 
 from nanotulu import data, losses
-from nanotulu.algos.rollout import fill_logps, mini_batches, pad_to_agreed_rows, rollout_rows, token_logps
-from nanotulu.lora import adapters_off
+from nanotulu.algos.rollout import (fill_old_and_ref_logps, mini_batches, pad_to_agreed_rows, rollout_rows,
+                                     token_logps)
 from nanotulu.packing import shift_labels
 from nanotulu.parallel import all_reduce_sum, clip_grad_norm, dp_group, grad_sync_on_last, precision, tp_group
 
@@ -163,11 +163,7 @@ def ppo_rows(model, ref_model, value_model, group_prompts, outs, rew, hp, capaci
     tpg = tp_group(mesh)
     rows = rollout_rows(group_prompts, [o["tokens"] for o in outs], {"final_reward": rew.tolist()}, capacity, pad_id)
     rows = pad_to_agreed_rows(rows, capacity, pad_id, ("final_reward",), device)
-    fill_logps(model, rows, "old_logp", hp.temperature, hp.loss_impl, hp.micro_batch_rows, device, use_bf16, tpg)
-    if ref_model is not None:
-        with adapters_off(ref_model):  # LoRA: the reference may be the policy itself, adapters off
-            fill_logps(ref_model, rows, "ref_logp", hp.temperature, hp.loss_impl, hp.micro_batch_rows, device,
-                       use_bf16, tpg)
+    fill_old_and_ref_logps(model, ref_model, rows, hp, device, use_bf16, tpg)
     fill_values(value_model, rows, hp.micro_batch_rows, device, use_bf16, tpg)
     advantages_and_returns(rows, hp.beta, hp.gamma, hp.lam, dp_group(mesh), device)
     return rows

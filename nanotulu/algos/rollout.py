@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from nanotulu import data, losses, rewards
 from nanotulu.generate import generate
+from nanotulu.lora import adapters_off
 from nanotulu.parallel import gathered, precision, tp_group
 from nanotulu.run import lr_at
 
@@ -158,6 +159,17 @@ def fill_logps(model, rows, name, temperature, impl, micro_batch_rows, device, u
         for r, v in zip(chunk, lp.float().cpu().view(len(chunk), -1)):
             r[name] = v
     model.train()
+
+
+
+def fill_old_and_ref_logps(model, ref_model, rows, hp, device, use_bf16, tpg):
+    """row["old_logp"] from the policy and, with a reference (a KL term), row["ref_logp"]: the rows both GRPO and PPO
+    train on. A LoRA run's reference is the policy itself, with its adapters off. hp: GRPOParams or PPOParams."""
+    fill_logps(model, rows, "old_logp", hp.temperature, hp.loss_impl, hp.micro_batch_rows, device, use_bf16, tpg)
+    if ref_model is not None:
+        with adapters_off(ref_model):
+            fill_logps(ref_model, rows, "ref_logp", hp.temperature, hp.loss_impl, hp.micro_batch_rows, device,
+                       use_bf16, tpg)
 
 
 def mini_batches(rows, sched, step, device, names, micro_batch_rows):
