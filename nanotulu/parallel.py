@@ -286,6 +286,23 @@ def all_reduce_sum(x, group=None):
     return x
 
 
+def step_mean(micro, count, mesh):
+    """For a loss that is a mean over a whole optimizer step (every micro-batch, every data-parallel rank), counted
+    before any backward. count(m): the items (trained tokens, pairs) of micro-batch m. -> (n: the step's items over
+    every rank, scale: what each micro-batch's summed loss is multiplied by before its backward, dp_world / n:
+    data-parallel gradient reduction averages over the ranks, the step's mean wants their sum)."""
+    dp_world = 1 if mesh is None else mesh["dp"].size()
+    device = micro[0]["input_ids"].device
+    n = all_reduce_sum(torch.as_tensor(sum(count(m) for m in micro), dtype=torch.float32, device=device).clone(),
+                       dp_group(mesh))
+    return n, dp_world / n.clamp(min=1)
+
+
+def trained_tokens(m):
+    """The positions of a packed micro-batch that have a target (the loss's tokens)."""
+    return (m["targets"] != -100).sum()
+
+
 def reduce_named(sums, group, device):
     """Named per-rank sums {name: number or 0-d tensor} -> the same names summed over the ranks of `group`, with
     one all-reduce (on `device`) for all of them."""

@@ -22,6 +22,8 @@ from nanotulu.algos.dpo import DPOParams, dpo_backward, pair_logps
 from nanotulu.algos.sft import sft_backward
 from nanotulu.pairs import pair_docs, tokenize_pair
 
+from test_sft import write_fixture  # noqa: E402 (tests/ is on sys.path under pytest): the torchrun SFT fixture
+
 TINY = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False)
 
@@ -152,18 +154,6 @@ def test_sft_and_dpo_step_match_one_process(dp, tp, tied, ac, tmp_path):
 
 
 # ---- a torchrun SFT run on 2 processes, killed and resumed ---------------------------------------------------------
-
-
-def write_fixture(tmp_path):
-    model_dir = tmp_path / "tiny"
-    build_model(TINY, seed=3).save_pretrained(str(model_dir))
-    data_path = tmp_path / "chat.jsonl"
-    with open(data_path, "w") as f:
-        for i in range(48):
-            a, b = i % 7, i % 5
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                             {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}) + "\n")
-    return str(model_dir), str(data_path)
 
 
 def torchrun_sft(nproc, args, check=True):

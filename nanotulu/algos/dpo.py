@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from nanotulu import data, losses
 from nanotulu.pairs import every_pair_once
-from nanotulu.parallel import all_reduce_sum, dp_group, grad_sync_on_last, precision, tp_group
+from nanotulu.parallel import all_reduce_sum, dp_group, grad_sync_on_last, precision, step_mean, tp_group
 
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo")
 
@@ -198,11 +198,8 @@ def dpo_backward(model, micro, ref_logps, hp, impl="auto", mesh=None, use_bf16=F
     over every pair of the step (all micro-batches and data-parallel ranks, counted first). ref_logps(micro) ->
     (P, 2) reference log-likelihoods, or None (simpo). hp: DPOParams. Leaves the gradient in .grad; returns (sums
     (7,) of this rank, named by DPO_SUMS; n_pairs of the step)."""
-    dp_world = 1 if mesh is None else mesh["dp"].size()
-    device = micro[0]["input_ids"].device
-    n_pairs = all_reduce_sum(torch.tensor(float(sum(m["pair_ids"].numel() for m in micro)), device=device),
-                             dp_group(mesh))
-    sums = torch.zeros(len(DPO_SUMS), device=device)
+    n_pairs, scale = step_mean(micro, lambda m: m["pair_ids"].numel(), mesh)
+    sums = torch.zeros(len(DPO_SUMS), device=n_pairs.device)
     for m in grad_sync_on_last(model, micro):
         ref = ref_logps(m)
 
@@ -211,8 +208,7 @@ def dpo_backward(model, micro, ref_logps, hp, impl="auto", mesh=None, use_bf16=F
 
         with precision(model, use_bf16):
             pi, counts, loss = pair_logps(model, m, impl, tp_group(mesh), pair_loss)  # (P, 2), (P, 2), ()
-        # x dp_world: data-parallel gradient reduction averages over ranks, the batch mean wants their sum
-        (loss * dp_world / n_pairs).backward()
+        (loss * scale).backward()
         losses_, rc, rr = pair_losses(pi.detach(), ref, counts, hp)
         sums += torch.stack([losses_.sum().detach(), rc.sum(), rr.sum(), (rc > rr).float().sum(),
                              pi[:, 0].detach().sum(), pi[:, 1].detach().sum(), counts.sum()])

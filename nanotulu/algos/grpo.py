@@ -12,7 +12,7 @@ import torch
 from nanotulu.algos.ppo import policy_loss
 from nanotulu.algos.rollout import (fill_old_and_ref_logps, mini_batches, pad_to_agreed_rows, rollout_rows,
                                      token_logps)
-from nanotulu.parallel import all_reduce_sum, dp_group, grad_sync_on_last, precision, tp_group
+from nanotulu.parallel import grad_sync_on_last, precision, step_mean, tp_group, trained_tokens
 from nanotulu.run import optimizer_step
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -83,9 +83,8 @@ def grpo_backward(model, micro, hp, mesh=None, use_bf16=False):
     """Forward + backward of one mini-batch of packed rollout rows (each stacked with adv/old_logp/ref_logp per
     position). Token-level normalisation: the summed token loss divided by the mini-batch's answer tokens over all
     ranks, counted first. hp: GRPOParams. Returns (sums (5,) of this rank, named by GRPO_SUMS; n_tokens)."""
-    dp_world = 1 if mesh is None else mesh["dp"].size()
     device = micro[0]["input_ids"].device
-    n_tokens = all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), dp_group(mesh))
+    n_tokens, scale = step_mean(micro, trained_tokens, mesh)
     sums = torch.zeros(len(GRPO_SUMS), device=device)
     for m in grad_sync_on_last(model, micro):
         mask = (m["targets"].reshape(-1) != -100).float()
@@ -99,7 +98,7 @@ def grpo_backward(model, micro, hp, mesh=None, use_bf16=False):
             loss, logp, ent = token_logps(model, m, hp.temperature, hp.loss_impl, tp_group(mesh), entropy=True,
                                           loss_fn=lambda lp, en, s, e: (token_loss(lp, s, e)[0] * mask[s:e]).sum())
         _, kl, clipped = token_loss(logp)
-        (loss * dp_world / n_tokens.clamp(min=1)).backward()
+        (loss * scale).backward()
         ent_sum = (ent * mask).sum() if ent is not None else torch.zeros((), device=device)
         sums += torch.stack([loss.detach(), (kl * mask).sum(), (clipped.float() * mask).sum(), ent_sum, mask.sum()])
     return sums, n_tokens

@@ -24,7 +24,8 @@ from nanotulu import data, losses
 from nanotulu.algos.rollout import (fill_old_and_ref_logps, mini_batches, pad_to_agreed_rows, rollout_rows,
                                      token_logps)
 from nanotulu.packing import shift_labels
-from nanotulu.parallel import all_reduce_sum, clip_grad_norm, dp_group, grad_sync_on_last, precision, tp_group
+from nanotulu.parallel import (all_reduce_sum, clip_grad_norm, dp_group, grad_sync_on_last, precision, step_mean,
+                               tp_group, trained_tokens)
 
 
 @dataclasses.dataclass
@@ -174,11 +175,9 @@ def ppo_backward(model, value_model, micro, hp, mesh=None, use_bf16=False):
     adv / ret / old_logp / old_value per position): clipped policy loss and clipped value loss, each summed over the
     answer tokens and divided by the mini-batch's answer tokens over all ranks. Returns (sums of this rank named by
     PPO_SUMS; n_tokens)."""
-    dp_world = 1 if mesh is None else mesh["dp"].size()
     tpg = tp_group(mesh)
     device = micro[0]["input_ids"].device
-    n_tokens = all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), dp_group(mesh))
-    scale = dp_world / n_tokens.clamp(min=1)  # data-parallel reduction averages over ranks: the mean wants the sum
+    n_tokens, scale = step_mean(micro, trained_tokens, mesh)
     sums = torch.zeros(len(PPO_SUMS), device=device)
     # gradients reduced over the data-parallel ranks only in the last micro-batch's backward, for both models
     for m, _ in zip(grad_sync_on_last(model, micro), grad_sync_on_last(value_model, micro)):

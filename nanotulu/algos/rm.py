@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nanotulu import losses
 from nanotulu.pairs import every_pair_once
-from nanotulu.parallel import all_reduce_sum, dp_coords, dp_group, grad_sync_on_last, precision, reduce_named, tp_group
+from nanotulu.parallel import dp_coords, dp_group, grad_sync_on_last, precision, reduce_named, step_mean, tp_group
 
 RM_SUMS = ("loss", "accuracy", "rewards/chosen", "rewards/rejected")  # what rm_backward sums over pairs, in order
 
@@ -34,17 +34,13 @@ def rm_backward(model, micro, mesh=None, use_bf16=False):
     """Forward and backward over one step's micro-batches of packed pairs; the loss is the mean over every pair of
     the step (all micro-batches and data-parallel ranks, counted first). Returns (sums (4,) of this rank named by
     RM_SUMS, n_pairs of the step)."""
-    dp_world = 1 if mesh is None else mesh["dp"].size()
-    device = micro[0]["input_ids"].device
-    n_pairs = all_reduce_sum(torch.tensor(float(sum(m["pair_ids"].numel() for m in micro)), device=device),
-                             dp_group(mesh))
-    sums = torch.zeros(len(RM_SUMS), device=device)
+    n_pairs, scale = step_mean(micro, lambda m: m["pair_ids"].numel(), mesh)
+    sums = torch.zeros(len(RM_SUMS), device=n_pairs.device)
     for m in grad_sync_on_last(model, micro):
         with precision(model, use_bf16):
             r = pair_rewards(model, m, tp_group(mesh))  # (P, 2)
         loss = bradley_terry(r[:, 0], r[:, 1])
-        # x dp_world: data-parallel gradient reduction averages over ranks, the batch mean wants their sum
-        (loss.sum() * dp_world / n_pairs).backward()
+        (loss.sum() * scale).backward()
         r = r.detach()
         sums += torch.stack([loss.sum().detach(), (r[:, 0] > r[:, 1]).float().sum(), r[:, 0].sum(), r[:, 1].sum()])
     return sums, n_pairs

@@ -7,7 +7,8 @@ loss implementation (the learning rate and schedule are the script's)."""
 import torch
 
 from nanotulu import data, losses
-from nanotulu.parallel import all_reduce_sum, dp_group, grad_sync_on_last, precision, tp_group
+from nanotulu.parallel import (all_reduce_sum, dp_group, grad_sync_on_last, precision, step_mean, tp_group,
+                               trained_tokens)
 
 
 def cross_entropy_sum(lp, _entropy, s, e):
@@ -26,15 +27,12 @@ def sft_backward(model, micro, impl="auto", mesh=None, use_bf16=False):
     divided by the number of trained tokens in the whole step (all micro-batches, all data-parallel ranks), which
     is counted before any backward. Leaves the step's gradient in .grad; returns (summed token loss of this rank,
     trained tokens of the step)."""
-    dp_world = 1 if mesh is None else mesh["dp"].size()
-    device = micro[0]["input_ids"].device
-    n_tokens = all_reduce_sum(sum((m["targets"] != -100).sum() for m in micro).float(), dp_group(mesh))
-    loss_sum = torch.zeros((), device=device)
+    n_tokens, scale = step_mean(micro, trained_tokens, mesh)
+    loss_sum = torch.zeros((), device=n_tokens.device)
     for m in grad_sync_on_last(model, micro):
         with precision(model, use_bf16):
             token_loss = token_loss_sum(model, m, impl, mesh)
-        # x dp_world: data-parallel gradient reduction averages over ranks, the "sum" loss wants their sum
-        (token_loss * dp_world / n_tokens.clamp(min=1)).backward()
+        (token_loss * scale).backward()
         loss_sum += token_loss.detach()
     return loss_sum, n_tokens
 
