@@ -113,10 +113,18 @@ def target_names(spec):
 
 
 def _nf4():
+    import logging
+
+    # torchao's import warns for each CUDA extension it cannot load (none of which NF4 uses): silenced for it
+    log = logging.getLogger("torchao")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
     except ImportError as e:
         raise ImportError("--quantize nf4 needs torchao (pip install 'nanotulu[lora]')") from e
+    finally:
+        log.setLevel(level)
     return nf4_tensor
 
 

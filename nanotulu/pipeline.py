@@ -173,14 +173,18 @@ def summary_table(table):
 
 
 def comparison_table(tables, lora_stages):
-    """Full fine-tuning beside LoRA and QLoRA, stage by stage: accuracy (time)."""
+    """Full fine-tuning beside LoRA and QLoRA, stage by stage: held-out accuracy (train seconds). A stage without
+    adapters in a LoRA pipeline is the full pipeline's own (shared)."""
     methods = list(tables)
     lines = ["| stage | " + " | ".join(f"{m}: accuracy (train s)" for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
     for i, (stage, *_rest) in enumerate(tables[methods[0]]):
-        tag = " (adapters)" if stage in lora_stages else ""
-        lines.append(f"| {stage}{tag} | " + " | ".join(f"{tables[m][i][1]:.3f} ({tables[m][i][3]:.0f})"
-                                                      for m in methods) + " |")
+        cells = []
+        for m in methods:
+            _, acc, _, seconds = tables[m][i]
+            trained = stage != "init" and (m == "full" or stage in lora_stages)
+            cells.append(f"{acc:.3f}" + (f" ({seconds:.0f})" if trained else " (full's)" if stage != "init" else ""))
+        lines.append(f"| {stage}{' (adapters)' if stage in lora_stages else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -461,3 +461,53 @@ def test_killed_lora_run_resumes_to_the_same_losses(tmp_path):
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_lora_pipeline_puts_adapters_on_the_full_sft_and_compares(monkeypatch, tmp_path):
+    """`python -m nanotulu.pipeline --compare --rl both`, its trainers recorded instead of run: the full pipeline
+    trains four stages; the LoRA and QLoRA pipelines reuse its SFT (same flags, its folder) and train DPO, GRPO and
+    PPO with adapters at 5 x each preset's lr (Tülu 2's LoRA lr / full lr) from their own DPO model."""
+    import dataclasses
+
+    from nanotulu import pipeline, train_dpo, train_rlvr, train_sft
+    from nanotulu.flags import resolve_flags
+
+    ran = []
+
+    def recorder(module, cls, variant=None):
+        def record(argv, finish=True):  # a final/ and the run_config.json a trainer writes (what reuse compares)
+            out = argv[argv.index("--output_dir") + 1]
+            ran.append((os.path.relpath(out, tmp_path), argv))
+            os.makedirs(os.path.join(out, "final"), exist_ok=True)
+            with open(os.path.join(out, "final", "config.json"), "w") as f:
+                f.write("{}")
+            with open(os.path.join(out, "metrics.jsonl"), "w") as f:  # for the curves
+                f.write(json.dumps({"step": 1, "loss": 0.7, "rewards/accuracy": 0.5, "score": 0.3}) + "\n")
+            with open(os.path.join(out, "run_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(resolve_flags(cls, module.EMBEDDED_PRESET, argv, variant)), f)
+        return record
+
+    monkeypatch.setattr(train_sft, "main", recorder(train_sft, train_sft.SFTConfig))
+    monkeypatch.setattr(train_dpo, "main", recorder(train_dpo, train_dpo.DPOConfig))
+    monkeypatch.setattr(train_rlvr, "main", recorder(train_rlvr, train_rlvr.RLVRConfig, train_rlvr.variant_defaults))
+    monkeypatch.setattr(pipeline, "held_out_accuracy", lambda *a, **k: (0.5, {"gsm8k": 0.5}))
+    monkeypatch.chdir(tmp_path)
+    tables = pipeline.main(["--compare", "--rl", "both"])
+    outs = [out for out, _ in ran]
+    assert outs == ["runs/pipeline/sft", "runs/pipeline/dpo", "runs/pipeline/rlvr", "runs/pipeline/ppo",
+                    "runs/pipeline-lora/dpo", "runs/pipeline-lora/rlvr", "runs/pipeline-lora/ppo",
+                    "runs/pipeline-qlora/dpo", "runs/pipeline-qlora/rlvr", "runs/pipeline-qlora/ppo"], outs
+    args = {out: argv for out, argv in ran}
+    for method, quantize in (("lora", ""), ("qlora", "nf4")):
+        for stage, preset in (("dpo", train_dpo.EMBEDDED_PRESET), ("rlvr", train_rlvr.EMBEDDED_PRESET),
+                              ("ppo", train_rlvr.EMBEDDED_PPO_PRESET)):
+            argv = args[f"runs/pipeline-{method}/{stage}"]
+            value = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+            assert value["--lora"] == "true" and value["--quantize"] == quantize and value["--merge"] == "true"
+            assert float(value["--lr"]) == pytest.approx(5 * preset["lr"])  # the last --lr given wins
+            upstream = "runs/pipeline/sft" if stage == "dpo" else f"runs/pipeline-{method}/dpo"
+            assert value["--model"] == os.path.join(upstream, "final")
+    assert all("--lora" not in argv for out, argv in ran if out.startswith("runs/pipeline/"))
+    assert list(tables) == ["full", "lora", "qlora"] and [t[0] for t in tables["lora"]] == \
+        ["init", "sft", "dpo", "rlvr", "ppo"]
+    assert os.path.isfile(tmp_path / "runs/pipeline/comparison.md")
