@@ -112,20 +112,28 @@ def target_names(spec):
 # NF4 (torchao)
 
 
-def _nf4():
-    import logging
+_NF4 = None  # torchao's nf4_tensor module, imported on first use
 
-    # torchao's import warns for each CUDA extension it cannot load (none of which NF4 uses): silenced for it
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
-    except ImportError as e:
-        raise ImportError("--quantize nf4 needs torchao (pip install 'nanotulu[lora]')") from e
-    finally:
-        log.setLevel(level)
-    return nf4_tensor
+
+def _nf4():
+    """torchao's NF4 module. Imported once, into a global: each forward calls this, and torch.compile traces it (a
+    functools.cache would be traced through, and the logging below is a graph break)."""
+    global _NF4
+    if _NF4 is None:
+        import logging
+
+        # torchao's import warns for each CUDA extension it cannot load (none of which NF4 uses): silenced for it
+        log = logging.getLogger("torchao")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+        except ImportError as e:
+            raise ImportError("--quantize nf4 needs torchao (pip install 'nanotulu[lora]')") from e
+        finally:
+            log.setLevel(level)
+        _NF4 = nf4_tensor
+    return _NF4
 
 
 def to_nf4(w, shards=1):

@@ -355,6 +355,41 @@ def test_two_gloo_ranks_match_one_process(dp, tp, nf4, ac, tmp_path):
                                 nprocs=dp * tp, join=True)
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["lora", "qlora"])
+def test_compiled_blocks_with_adapters_equal_eager(nf4, monkeypatch):
+    """--compile with adapters (NF4 base too): the compiled blocks give eager's loss and adapter gradients, with no
+    graph break. Traced with aot_eager as tests/test_step.py does (the inductor's C++ build is slow on 2 cores;
+    NANOTULU_SLOW_TESTS=1 runs it)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    if os.environ.get("NANOTULU_SLOW_TESTS") != "1":
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    tok = data.load_tokenizer("byte")
+    batch = stack_rows(sft_batch(tok), "cpu")
+    cfg = flags(quantize="nf4" if nf4 else "")
+
+    def make():
+        m = lora.apply(build_model(TINY, seed=1), cfg)
+        randomise_b(m)
+        return m
+
+    eager, compiled = make(), make()
+    parallel.apply_compile(compiled)
+    loss_e, _ = sft_backward(eager, [batch], impl="torch")
+    loss_c, _ = sft_backward(compiled, [batch], impl="torch")
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    want = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    got = {lora.clean_name(n): p.grad for n, p in compiled.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and len(want) == 2 * 7 * TINY.num_hidden_layers
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+
+
 # ---- memory accounting ----------------------------------------------------------------------------------------------
 
 
