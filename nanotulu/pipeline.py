@@ -224,12 +224,13 @@ def main(argv=None):
     methods = list(METHODS) if args.compare else [method_of(args)]
     tables = {}
     for method in methods:
-        out = args.output_dir + METHODS[method]
+        out, t = args.output_dir + METHODS[method], time.perf_counter()
         table, folders, n_rows = run_pipeline(args, method)
         tables[method] = table
         summary = summary_table(table) + f"\n\n{n_rows} held-out prompts (rlvr_test.jsonl), greedy; method {method}" \
             + (f" (adapters in {args.lora_stages})" if method != "full" else "") \
-            + f"; whole pipeline {sum(t[3] for t in table):.0f} s of training on {run.device_name()}.\n"
+            + f"; whole pipeline {time.perf_counter() - t:.0f} s ({sum(r[3] for r in table):.0f} s training) on " \
+            + f"{run.device_name()}.\n"
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "summary.md"), "w") as f:
             f.write(summary)
