@@ -158,13 +158,18 @@ def apply_fsdp(model, dp_mesh, bf16):
     """FSDP2 over the data-parallel dim: each block is one all-gather / reduce-scatter unit, the root holds the rest
     (embedding, final norm, lm_head; a tied output weight is the embedding, so they stay in one unit). A 2-D
     dp_mesh (replicate, shard) is HSDP."""
+    from nanotulu.lora import is_nf4
+
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
+    # QLoRA on one shard rank (one GPU): FSDP2's world-size-1 shortcut copies only the first of the all-gather inputs
+    # a tensor subclass declares, and torchao's NF4 declares three; with nothing to shard, NF4 weights stay outside
+    ignored = {p for p in model.parameters() if is_nf4(p)} if dp_mesh.size(dp_mesh.ndim - 1) == 1 else set()
     n = len(model.model.layers)
     for i, block in model.model.layers.items():
         # the last block's parameters are needed again at once by backward: keep them gathered
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=int(i) < n - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=int(i) < n - 1, ignored_params=ignored)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored)
 
 
 def replicate_adapters(model, tp_mesh):

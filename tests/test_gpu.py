@@ -1,6 +1,6 @@
 """What only a GPU can show (every test skips on a CPU; bench/gpu_suite.py runs them with TRITON_INTERPRET=0):
 the Triton kernels compiled for the GPU on bf16 inputs against a float64 reference, and one SFT step under FSDP2 with
-bf16 mixed precision against the same step of a plain fp32 model. Packed flex / varlen attention against SDPA and
+bf16 mixed precision (full, LoRA and QLoRA) against the same step of a plain fp32 model. Packed flex / varlen attention against SDPA and
 the compiled CUDA-graph decode against eager are in test_model.py, test_generate.py and test_rlvr.py."""
 
 import pytest
@@ -81,6 +81,71 @@ def test_fsdp2_bf16_mixed_precision_sft_step_matches_fp32():
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             assert g.dtype == torch.float32  # fp32 master gradients
             assert F.cosine_similarity(g.flatten().double(), grads32[n].flatten().double(), dim=0) > 0.99, n
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["lora", "qlora"])
+def test_lora_step_on_gpu_matches_fp32(nf4):
+    """LoRA / QLoRA as the trainers place it on one GPU (the frozen base in bf16, or NF4 made from it and dequantised
+    to bf16 on each matmul; fp32 adapters; FSDP2 with bf16 compute and fp32 reduction; the fused loss) against the
+    same adapters on the same base weights in fp32, one plain process: the loss and the adapter gradients (fp32)
+    within bf16 accuracy, and no gradient on a frozen weight. QLoRA needs torchao (carry its wheel)."""
+    import types
+
+    import torch.distributed as dist
+
+    from nanotulu import data, lora, parallel, run
+    from nanotulu.model import LlamaConfig, build_model
+    from nanotulu.algos.sft import sft_backward
+
+    if nf4:
+        pytest.importorskip("torchao")
+    cfg = LlamaConfig(vocab_size=264, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
+    flags = types.SimpleNamespace(lora=True, lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, seed=0, tp=1,
+                                  lora_targets="q,k,v,o,gate,up,down", quantize="nf4" if nf4 else "",
+                                  lora_adapter="", dp_shard=-1)
+    docs = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 5 + list(range(8, 3 + n))} for n in (60, 41, 90)]
+    batch = data.stack_rows([data.make_row(docs, 256, 0)], "cuda")
+
+    def adapted(base_dtype):
+        m = lora.apply(build_model(cfg, device="cuda", seed=1), flags, base_dtype=base_dtype)
+        gen = torch.Generator().manual_seed(0)  # B given values (it starts at zero) so the adapters matter
+        with torch.no_grad():
+            for _, mod in lora.lora_modules(model=m):
+                mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=gen) * 0.05)
+        return m
+
+    rank, world, device = run.init_distributed()  # NCCL, one rank
+    try:
+        model = adapted(torch.bfloat16)
+        ref = adapted(None)  # in fp32, every base weight as the GPU model holds it (bf16, NF4 dequantised); no FSDP
+        with torch.no_grad():
+            for (name, mod), (_, mod_ref) in zip(lora.lora_modules(model), lora.lora_modules(ref)):
+                assert lora.is_nf4(mod.weight) == nf4, name
+                mod_ref.weight.copy_(lora.dequantize(mod.weight, torch.float32))
+            for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+                if not name.endswith(("lora_A", "lora_B")) and not lora.is_nf4(p) and "proj" not in name:
+                    p_ref.copy_(p.float())  # embeddings and norms: their bf16 values
+        loss32, _ = sft_backward(ref, [batch], impl="torch")
+        want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+        mesh = parallel.build_mesh(world, -1, 1, device)
+        model = parallel.parallelize(model, mesh, bf16=True, seq_len=256)
+        loss16, _ = sft_backward(model, [batch], impl="auto", mesh=mesh, use_bf16=True)
+        assert abs(loss16.item() - loss32.item()) < 2e-2 * abs(loss32.item())
+        got = {}
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None, n
+                continue
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            assert g.dtype == torch.float32, n  # fp32 master gradients of the fp32 adapters
+            got[lora.clean_name(n)] = g
+        assert got.keys() == want.keys() and len(got) == 2 * 7 * cfg.num_hidden_layers
+        for n in want:
+            assert F.cosine_similarity(got[n].flatten().double(), want[n].flatten().double(), dim=0) > 0.99, n
     finally:
         dist.barrier()
         dist.destroy_process_group()

@@ -348,9 +348,12 @@ def _fsdp_worker(rank, world, port, dp, tp, nf4, ac, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dp,tp,nf4,ac", [(2, 1, False, False), (2, 1, True, True), (1, 2, False, False)],
-                         ids=["fsdp2", "fsdp2-nf4-ac", "tp2"])
-def test_two_gloo_ranks_match_one_process(dp, tp, nf4, ac, tmp_path):
+@pytest.mark.parametrize("dp,tp,nf4,ac", [(2, 1, False, False), (2, 1, True, True), (1, 2, False, False),
+                                         (1, 1, True, False)],
+                         ids=["fsdp2", "fsdp2-nf4-ac", "tp2", "fsdp2-one-rank-nf4"])
+def test_gloo_ranks_match_one_process(dp, tp, nf4, ac, tmp_path):
+    """FSDP2 on 2 ranks (NF4 and activation checkpointing too), tensor parallel on 2, and FSDP2 on the one rank a
+    single-GPU run has (QLoRA's own case) against one plain process."""
     torch.multiprocessing.spawn(_fsdp_worker, args=(dp * tp, free_port(), dp, tp, nf4, ac, str(tmp_path)),
                                 nprocs=dp * tp, join=True)
 
