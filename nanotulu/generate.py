@@ -31,7 +31,7 @@ no collective per step (so ranks may stop at different steps), and the model is 
 import torch
 import torch.nn.functional as F
 
-from nanotulu.model import Llama
+from nanotulu.model import Llama, eval_mode
 from nanotulu.parallel import gathered
 
 
@@ -159,7 +159,7 @@ def generate(model, prompts, *, max_new_tokens, eos_token_id, temperature=1.0, t
     if temperature == 0:
         greedy, temperature = True, 1.0
     sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy))
-    with gathered(model) as m:
+    with eval_mode(model), gathered(model) as m:  # sampling is inference: no dropout
         return _generate(m, prompts, max_new_tokens, eos_token_id, sampling, seed, stop_strings, decode, max_len,
                          compile, check_every, prefill_rows, num_samples)
 

@@ -211,6 +211,17 @@ def lora_modules(model):
     return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def mirror(src, dst):
+    """Gives dst, a plain Llama on the meta device (parallel.gathered's hook-free copy for generation), src's adapter
+    modules: the same rank, scale, dropout and on/off state. Loading src's tensors into dst then fills them."""
+    for name, m in lora_modules(src):
+        parent_name, attr = name.rsplit(".", 1)
+        parent = dst.get_submodule(parent_name)
+        shell = LoRALinear(getattr(parent, attr), m.rank, m.scale * m.rank, m.dropout)
+        shell.adapters_on = m.adapters_on
+        setattr(parent, attr, shell)
+
+
 def clean_name(name):
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "").replace("_fsdp_wrapped_module.",
                                                                                                 "")

@@ -27,6 +27,7 @@ Generation passes a static KV cache (see nanotulu/generate.py): a dict with per-
 True where a query may attend to a cache slot.
 """
 
+import contextlib
 import functools
 import inspect
 import json
@@ -618,6 +619,18 @@ def resize_vocab(model, new_size):
     model.cfg.vocab_size = new_size
     return model
 
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """Inside: the module in eval mode (no dropout: the Llama has none, LoRA's adapters do), its mode restored on
+    exit. Generation and held-out evaluation run inside it, whatever mode the training loop left."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 def build_model(cfg, device="cpu", dtype=torch.float32, seed=0, attn_backend="auto"):

@@ -328,6 +328,7 @@ def gathered(model):
     is yielded; the model is resharded on exit. Under tensor parallel the unsharded parameters are still DTensors
     split over the TP group: each is all-gathered into a full copy (collective over the TP group, in parameter
     order on every rank), so every rank decodes with full weights and no collective per step."""
+    from nanotulu.lora import mirror
     from nanotulu.model import Llama
 
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -339,13 +340,17 @@ def gathered(model):
     try:
         with torch.device("meta"):
             plain = Llama(model.cfg, model.attn_backend)
+            mirror(model, plain)  # LoRA: the copy keeps the adapters (dropped, it would sample from the base)
+        plain.train(model.training)
         tensors = {}
         for name, p in model.named_parameters():
             for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):  # activation checkpointing, compile
                 name = name.replace(wrapper, "")
             # TP: full_tensor() all-gathers the shards (a copy, freed on exit); otherwise by reference, no copy
             tensors[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
-        plain.load_state_dict(tensors, strict=False, assign=True)
+        unexpected = plain.load_state_dict(tensors, strict=False, assign=True).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"the generation copy has no place for parameters {unexpected[:3]}")
         plain.inv_freq = model.inv_freq  # non-persistent buffers are not in state dicts
         missing = [n for n, p in plain.named_parameters() if p.is_meta]
         if missing:

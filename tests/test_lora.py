@@ -230,6 +230,30 @@ def test_qlora_merge_folds_the_adapter_into_the_dequantised_weights(tmp_path):
 # ---- DPO reference: the same weights with the adapters off ---------------------------------------------------------
 
 
+def test_generation_and_held_out_loss_run_without_adapter_dropout():
+    """A LoRA model left in training mode by the loop (dropout 0.5 on the adapters' input): sampling and the held-out
+    loss see no dropout. References: greedy generation and the loss of the merged model (W + scale B A as a plain
+    Llama, which has no dropout at all); the mode is restored afterwards."""
+    from nanotulu.algos.sft import held_out_loss
+    from nanotulu.generate import generate
+
+    tok = data.load_tokenizer("byte")
+    model = lora.apply(build_model(TINY, seed=1), flags(lora_dropout=0.5))
+    randomise_b(model, seed=2)
+    plain = build_model(TINY, seed=9)
+    plain.load_state_dict(lora.merged_state_dict(model))
+    model.train()
+    prompts = [tok.encode("What is 2 + 3?"), tok.encode("Say hi")]
+    kw = dict(max_new_tokens=12, eos_token_id=-1, greedy=True)
+    got, want = generate(model, prompts, **kw), generate(plain, prompts, **kw)
+    assert [o["tokens"] for o in got] == [o["tokens"] for o in want]
+    assert model.training
+    rows = sft_batch(tok, 3)
+    loss = held_out_loss(model, rows, 2, "cpu", impl="torch")
+    torch.testing.assert_close(loss, held_out_loss(plain, rows, 2, "cpu", impl="torch"), rtol=1e-5, atol=1e-6)
+    assert model.training
+
+
 def test_dpo_reference_with_adapters_off_is_the_base_model():
     from nanotulu.pairs import pair_docs, tokenize_pair
 
@@ -335,6 +359,12 @@ def _fsdp_worker(rank, world, port, dp, tp, nf4, ac, out):
         assert sd.keys() == want.keys()
         for k in sd:
             torch.testing.assert_close(sd[k], want[k].detach(), rtol=0, atol=0)
+        # generation's gathered copy keeps the adapters: its logits are the one-process adapted model's
+        ids = stack_rows(rows[:2], "cpu")["input_ids"]
+        with parallel.gathered(model) as g:
+            assert sum(1 for _ in lora.lora_modules(g)) == 7 * TINY.num_hidden_layers
+            got = g.logits(ids)
+        torch.testing.assert_close(got, ref.logits(ids), rtol=1e-5, atol=1e-5)
         # so is the merged model (the base gathered from its shards, NF4 included)
         merged, want = lora.merged_state_dict(model), lora.merged_state_dict(ref)
         if rank == 0:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanotulu import data, losses
+from nanotulu.model import eval_mode
 from nanotulu.pairs import every_pair_once
 from nanotulu.parallel import all_reduce_sum, dp_group, grad_sync_on_last, precision, step_mean, tp_group
 
@@ -220,12 +221,13 @@ def held_out_metrics(model, rows, ref_logps, hp, micro_batch_rows, device, impl=
     """Held-out preference metrics over the rows of every data-parallel rank (data.held_out_rows): mean loss,
     reward accuracy and reward margin, keyed eval/... . ref_logps(micro) as in dpo_backward."""
     sums = torch.zeros(4, device=device)  # loss, accurate pairs, margin, pairs
-    for m in data.micro_batches(rows, micro_batch_rows, device, stack=data.stack_pair_rows):
-        with precision(model, use_bf16):
-            pi, counts = pair_logps(model, m, impl, tp_group(mesh))
-        losses_, rc, rr = pair_losses(pi.float(), ref_logps(m), counts, hp)
-        sums += torch.stack([losses_.sum(), (rc > rr).float().sum(), (rc - rr).sum(),
-                             torch.tensor(float(len(losses_)), device=device)])
+    with eval_mode(model):  # no dropout (LoRA's)
+        for m in data.micro_batches(rows, micro_batch_rows, device, stack=data.stack_pair_rows):
+            with precision(model, use_bf16):
+                pi, counts = pair_logps(model, m, impl, tp_group(mesh))
+            losses_, rc, rr = pair_losses(pi.float(), ref_logps(m), counts, hp)
+            sums += torch.stack([losses_.sum(), (rc > rr).float().sum(), (rc - rr).sum(),
+                                 torch.tensor(float(len(losses_)), device=device)])
     sums = all_reduce_sum(sums, dp_group(mesh))
     n = sums[3].clamp(min=1)
     return {"eval/loss": sums[0] / n, "eval/rewards/accuracy": sums[1] / n, "eval/rewards/margin": sums[2] / n}

@@ -7,6 +7,7 @@ loss implementation (the learning rate and schedule are the script's)."""
 import torch
 
 from nanotulu import data, losses
+from nanotulu.model import eval_mode
 from nanotulu.parallel import (all_reduce_sum, dp_group, grad_sync_on_last, precision, step_mean, tp_group,
                                trained_tokens)
 
@@ -41,9 +42,10 @@ def sft_backward(model, micro, impl="auto", mesh=None, use_bf16=False):
 def held_out_loss(model, rows, micro_batch_rows, device, impl="auto", mesh=None, use_bf16=False):
     """Mean token cross-entropy over the held-out rows of every data-parallel rank (data.held_out_rows)."""
     sums = torch.zeros(2, device=device)  # summed token loss, trained tokens
-    for m in data.micro_batches(rows, micro_batch_rows, device):
-        with precision(model, use_bf16):
-            sums[0] += token_loss_sum(model, m, impl, mesh).float()
-        sums[1] += (m["targets"] != -100).sum()
+    with eval_mode(model):  # no dropout (LoRA's)
+        for m in data.micro_batches(rows, micro_batch_rows, device):
+            with precision(model, use_bf16):
+                sums[0] += token_loss_sum(model, m, impl, mesh).float()
+            sums[1] += (m["targets"] != -100).sum()
     sums = all_reduce_sum(sums, dp_group(mesh))
     return sums[0] / sums[1].clamp(min=1)
