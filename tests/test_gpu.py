@@ -1,7 +1,8 @@
 """What only a GPU can show (every test skips on a CPU; bench/gpu_suite.py runs them with TRITON_INTERPRET=0):
 the Triton kernels compiled for the GPU on bf16 inputs against a float64 reference, and one SFT step under FSDP2 with
-bf16 mixed precision (full, LoRA and QLoRA) against the same step of a plain fp32 model. Packed flex / varlen attention against SDPA and
-the compiled CUDA-graph decode against eager are in test_model.py, test_generate.py and test_rlvr.py."""
+bf16 mixed precision (full, LoRA and QLoRA) against the same step of a plain fp32 model. Packed flex / varlen
+attention against SDPA and the compiled CUDA-graph decode against eager are in test_model.py, test_generate.py and
+test_rlvr.py."""
 
 import pytest
 import torch
