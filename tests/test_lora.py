@@ -314,7 +314,7 @@ def test_checkpoint_holds_adapters_only_and_resumes_them(tmp_path):
 # ---- FSDP2 on 2 gloo ranks == one process --------------------------------------------------------------------------
 
 
-def _fsdp_worker(rank, world, port, dp, tp, nf4, ac, out):
+def _fsdp_worker(rank, world, port, dp, tp, rep, nf4, ac, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -334,7 +334,7 @@ def _fsdp_worker(rank, world, port, dp, tp, nf4, ac, out):
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.requires_grad}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        mesh = parallel.build_mesh(world, dp, tp, "cpu")
+        mesh = parallel.build_mesh(world, dp, tp, "cpu", dp_replicate=rep)
         model = parallel.parallelize(make(), mesh, activation_checkpointing=ac, seq_len=64)
         dp_rank, dp_world = parallel.dp_coords(mesh, rank, world)
         loss, _ = sft_backward(model, [stack_rows(rows[dp_rank::dp_world], "cpu")], impl="torch", mesh=mesh)
@@ -378,14 +378,14 @@ def _fsdp_worker(rank, world, port, dp, tp, nf4, ac, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dp,tp,nf4,ac", [(2, 1, False, False), (2, 1, True, True), (1, 2, False, False),
-                                         (1, 1, True, False)],
-                         ids=["fsdp2", "fsdp2-nf4-ac", "tp2", "fsdp2-one-rank-nf4"])
-def test_gloo_ranks_match_one_process(dp, tp, nf4, ac, tmp_path):
-    """FSDP2 on 2 ranks (NF4 and activation checkpointing too), tensor parallel on 2, and FSDP2 on the one rank a
-    single-GPU run has (QLoRA's own case) against one plain process."""
-    torch.multiprocessing.spawn(_fsdp_worker, args=(dp * tp, free_port(), dp, tp, nf4, ac, str(tmp_path)),
-                                nprocs=dp * tp, join=True)
+@pytest.mark.parametrize("dp,tp,rep,nf4,ac", [(2, 1, 1, False, False), (2, 1, 1, True, True), (1, 2, 1, False, False),
+                                             (1, 1, 1, True, False), (1, 1, 2, True, False)],
+                         ids=["fsdp2", "fsdp2-nf4-ac", "tp2", "fsdp2-one-rank-nf4", "hsdp-2x1-nf4"])
+def test_gloo_ranks_match_one_process(dp, tp, rep, nf4, ac, tmp_path):
+    """FSDP2 on 2 ranks (NF4 and activation checkpointing too), tensor parallel on 2, FSDP2 on the one rank a
+    single-GPU run has (QLoRA's own case) and HSDP replicating over 2 ranks, each against one plain process."""
+    torch.multiprocessing.spawn(_fsdp_worker, args=(dp * tp * rep, free_port(), dp, tp, rep, nf4, ac, str(tmp_path)),
+                                nprocs=dp * tp * rep, join=True)
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["lora", "qlora"])
