@@ -152,12 +152,17 @@ def run_pipeline(args, method):
     upstream_ran, folders = False, {}
     for stage, folder, trainer, flags in pipeline_stages(args, method):
         folders[stage] = folder
-        t = time.perf_counter()
+        timing = os.path.join(folder, "train_seconds.txt")  # a reused stage reports the time it took when it ran
         if upstream_ran or not done(folder, trainer, flags):
+            t = time.perf_counter()
             # after a retrained stage, the next ones start over: their checkpoints came from the old model
             trainer.main(flags + (["--resume", "false"] if upstream_ran and not args.fresh else []), finish=False)
             upstream_ran = upstream_ran or stage in ("sft", "dpo")  # the two RL stages are siblings
-        seconds = time.perf_counter() - t
+            seconds = time.perf_counter() - t
+            with open(timing, "w") as f:
+                f.write(f"{seconds:.1f}\n")
+        else:
+            seconds = float(open(timing).read()) if os.path.isfile(timing) else float("nan")
         table.append((stage, *held_out_accuracy(os.path.join(folder, "final"), test_rows, eval_tokens), seconds))
     return table, folders, len(test_rows)
 
@@ -229,8 +234,8 @@ def main(argv=None):
         tables[method] = table
         summary = summary_table(table) + f"\n\n{n_rows} held-out prompts (rlvr_test.jsonl), greedy; method {method}" \
             + (f" (adapters in {args.lora_stages})" if method != "full" else "") \
-            + f"; whole pipeline {time.perf_counter() - t:.0f} s ({sum(r[3] for r in table):.0f} s training) on " \
-            + f"{run.device_name()}.\n"
+            + f"; this run {time.perf_counter() - t:.0f} s on {run.device_name()} (a reused stage shows the train " \
+            + "time it took when it ran).\n"
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "summary.md"), "w") as f:
             f.write(summary)
