@@ -159,6 +159,7 @@ def run_pipeline(args, method):
             trainer.main(flags + (["--resume", "false"] if upstream_ran and not args.fresh else []), finish=False)
             upstream_ran = upstream_ran or stage in ("sft", "dpo")  # the two RL stages are siblings
             seconds = time.perf_counter() - t
+            os.makedirs(folder, exist_ok=True)
             with open(timing, "w") as f:
                 f.write(f"{seconds:.1f}\n")
         else:
