@@ -328,7 +328,7 @@ def gathered(model):
     is yielded; the model is resharded on exit. Under tensor parallel the unsharded parameters are still DTensors
     split over the TP group: each is all-gathered into a full copy (collective over the TP group, in parameter
     order on every rank), so every rank decodes with full weights and no collective per step."""
-    from nanotulu.lora import mirror
+    from nanotulu.lora import clean_name, mirror
     from nanotulu.model import Llama
 
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -344,8 +344,7 @@ def gathered(model):
         plain.train(model.training)
         tensors = {}
         for name, p in model.named_parameters():
-            for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):  # activation checkpointing, compile
-                name = name.replace(wrapper, "")
+            name = clean_name(name)  # without the activation checkpointing / compile wrappers' prefixes
             # TP: full_tensor() all-gathers the shards (a copy, freed on exit); otherwise by reference, no copy
             tensors[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
         unexpected = plain.load_state_dict(tensors, strict=False, assign=True).unexpected_keys
