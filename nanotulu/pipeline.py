@@ -178,9 +178,9 @@ def summary_table(table):
     return "\n".join(lines)
 
 
-def comparison_table(tables, lora_stages):
-    """Full fine-tuning beside LoRA and QLoRA, stage by stage: held-out accuracy (train seconds). A stage without
-    adapters in a LoRA pipeline is the full pipeline's own (shared)."""
+def comparison_table(tables, folders, lora_stages):
+    """Full fine-tuning beside LoRA and QLoRA, stage by stage: held-out accuracy (train seconds). folders: method ->
+    {stage: its folder}; a LoRA pipeline's stage in the full pipeline's folder is that stage (shared)."""
     methods = list(tables)
     lines = ["| stage | " + " | ".join(f"{m}: accuracy (train s)" for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
@@ -188,8 +188,8 @@ def comparison_table(tables, lora_stages):
         cells = []
         for m in methods:
             _, acc, _, seconds = tables[m][i]
-            trained = stage != "init" and (m == "full" or stage in lora_stages)
-            cells.append(f"{acc:.3f}" + (f" ({seconds:.0f})" if trained else " (full's)" if stage != "init" else ""))
+            shared = m != "full" and folders[m].get(stage) == folders["full"].get(stage)
+            cells.append(f"{acc:.3f}" + ("" if stage == "init" else " (full's)" if shared else f" ({seconds:.0f})"))
         lines.append(f"| {stage}{' (adapters)' if stage in lora_stages else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -228,11 +228,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     methods = list(METHODS) if args.compare else [method_of(args)]
-    tables = {}
+    tables, folders_of = {}, {}
     for method in methods:
         out, t = args.output_dir + METHODS[method], time.perf_counter()
         table, folders, n_rows = run_pipeline(args, method)
-        tables[method] = table
+        tables[method], folders_of[method] = table, folders
         summary = summary_table(table) + f"\n\n{n_rows} held-out prompts (rlvr_test.jsonl), greedy; method {method}" \
             + (f" (adapters in {args.lora_stages})" if method != "full" else "") \
             + f"; this run {time.perf_counter() - t:.0f} s on {run.device_name()} (a reused stage shows the train " \
@@ -246,7 +246,7 @@ def main(argv=None):
             png = f"not drawn: {e}"
         print("\n" + summary + f"curves: {png}")
     if args.compare:
-        text = comparison_table(tables, set(args.lora_stages.split(","))) + \
+        text = comparison_table(tables, folders_of, set(args.lora_stages.split(","))) + \
             f"\n\nLoRA lr = {args.lora_lr_scale} x each preset's; {time.perf_counter() - t0:.0f} s in all.\n"
         with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
             f.write(text)

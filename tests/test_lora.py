@@ -578,4 +578,6 @@ def test_lora_pipeline_puts_adapters_on_the_full_sft_and_compares(monkeypatch, t
     assert all("--lora" not in argv for out, argv in ran if out.startswith("runs/pipeline/"))
     assert list(tables) == ["full", "lora", "qlora"] and [t[0] for t in tables["lora"]] == \
         ["init", "sft", "dpo", "rlvr", "ppo"]
-    assert os.path.isfile(tmp_path / "runs/pipeline/comparison.md")
+    rows = {line.split("|")[1].strip(): line for line in open(tmp_path / "runs/pipeline/comparison.md")
+            if line.startswith("| ")}
+    assert rows["sft"].count("(full's)") == 2 and "(full's)" not in rows["dpo (adapters)"]
