@@ -298,8 +298,8 @@ def step_mean(micro, count, mesh):
     data-parallel gradient reduction averages over the ranks, the step's mean wants their sum)."""
     dp_world = 1 if mesh is None else mesh["dp"].size()
     device = micro[0]["input_ids"].device
-    n = all_reduce_sum(torch.as_tensor(sum(count(m) for m in micro), dtype=torch.float32, device=device).clone(),
-                       dp_group(mesh))
+    n = torch.as_tensor(sum(count(m) for m in micro), dtype=torch.float32, device=device)  # a new tensor: sum() made it
+    n = all_reduce_sum(n, dp_group(mesh))
     return n, dp_world / n.clamp(min=1)
 
 

@@ -46,6 +46,6 @@ def held_out_loss(model, rows, micro_batch_rows, device, impl="auto", mesh=None,
         for m in data.micro_batches(rows, micro_batch_rows, device):
             with precision(model, use_bf16):
                 sums[0] += token_loss_sum(model, m, impl, mesh).float()
-            sums[1] += (m["targets"] != -100).sum()
+            sums[1] += trained_tokens(m)
     sums = all_reduce_sum(sums, dp_group(mesh))
     return sums[0] / sums[1].clamp(min=1)
